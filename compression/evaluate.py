@@ -1,0 +1,409 @@
+"""The evaluator: ``evaluate(strategy, fidelity) -> Metrics``, shared by every agent.
+
+Search accuracy must rank candidates the way fine-tuning would. A pruned net's BatchNorm
+statistics are those of the dense net and no longer match its features, which makes raw accuracy
+almost noise (ResNet-56 uniform 50 % MACs: 26 %); re-estimating them on ~1k training images
+(adaptive BN, EagleEye 2020) brings it to 67 %, and that is the default fidelity.
+
+Forward passes dominate the cost, so they run in channels-last layout, with BatchNorm folded
+into the convolutions for inference, on pre-normalized tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import DataSplits, ImageSet, Normalizer
+from .errors import PrunePilotError
+from .finetune import FinetuneConfig, finetune
+from .measure import measure_latency, size_on_disk
+from .pruning import PrunedModel, Pruner
+from .strategy import Strategy
+
+FidelityMethod = Literal["none", "adaptive-bn", "reconstruct", "short-finetune"]
+FIDELITY_METHODS: tuple[str, ...] = ("none", "adaptive-bn", "reconstruct", "short-finetune")
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How a candidate's search accuracy is measured.
+
+    ``val_images``: size of the fixed, class-stratified validation subset (None: the whole
+    validation split). ``calib_images``: training images for BatchNorm re-estimation (also used
+    by ``reconstruct``). ``finetune_steps``: SGD steps for ``short-finetune``.
+    """
+
+    method: FidelityMethod = "adaptive-bn"
+    val_images: int | None = 1000
+    calib_images: int = 1024
+    finetune_steps: int = 50
+    finetune_lr: float = 0.01
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        if self.method not in FIDELITY_METHODS:
+            raise PrunePilotError(f"unknown fidelity {self.method!r}; choose one of {', '.join(FIDELITY_METHODS)}")
+        if self.val_images is not None and self.val_images < 10:
+            raise PrunePilotError("fidelity val_images must be >= 10")
+        if self.calib_images < 1 or self.batch_size < 1:
+            raise PrunePilotError("fidelity calib_images and batch_size must be >= 1")
+
+    @property
+    def tag(self) -> str:
+        return f"{self.method}/val={self.val_images}/calib={self.calib_images}" + (
+            f"/ft={self.finetune_steps}" if self.method == "short-finetune" else ""
+        )
+
+
+@dataclass
+class Metrics:
+    accuracy: float
+    macs: int
+    params: int
+    size_bytes: int
+    macs_ratio: float
+    params_ratio: float
+    size_ratio: float
+    latency_ms: float | None
+    latency_ratio: float | None
+    latency_source: str | None  # "predicted", "measured" or None
+    strategy: Strategy
+    kept: list[int]
+    fidelity: str
+    wall_time_s: float
+    forward_time_s: float
+    prune_time_s: float
+    cached: bool = False
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+    def resource(self, name: str) -> float | None:
+        """Usage of a budgeted resource as a ratio of the dense model."""
+        return {"flops": self.macs_ratio, "params": self.params_ratio, "size": self.size_ratio,
+                "latency": self.latency_ratio}[name]
+
+
+class LatencyModel(Protocol):
+    """Predicts a pruned model's latency (ms) from its kept channels, e.g. a lookup table."""
+
+    def predict(self, kept: np.ndarray) -> float: ...
+
+    @property
+    def dense_ms(self) -> float: ...
+
+
+# --------------------------------------------------------------------------- forward helpers
+
+
+class ForwardTimer:
+    """Accumulates the wall time spent inside model forward (and backward) passes."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def run(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = fn()
+        self.seconds += time.perf_counter() - t0
+        return out
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Inference copy with every Conv->BN pair folded (via torch.fx); the model itself if tracing fails."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(model, inplace=False)
+    except Exception:  # noqa: BLE001 - untraceable models are evaluated unfused, just slower
+        return model
+
+
+def accuracy(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    batch_size: int = 128,
+    timer: ForwardTimer | None = None,
+    fold: bool = True,
+) -> float:
+    """Top-1 accuracy of ``model`` on normalized ``images`` (channels-last float tensors)."""
+    model.eval()
+    net = fold_batchnorm(model) if fold else model
+    timer = timer or ForwardTimer()
+    correct = 0
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            logits = timer.run(lambda: net(images[i: i + batch_size]))
+            correct += int((logits.argmax(1) == labels[i: i + batch_size]).sum())
+    return correct / max(1, len(images))
+
+
+def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 128, timer: ForwardTimer | None = None) -> None:
+    """Adaptive BN: re-estimate running statistics as an exact average over ``images``."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch weighs the same
+    timer = timer or ForwardTimer()
+    model.train()
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            timer.run(lambda: model(images[i: i + batch_size]))
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+    model.eval()
+
+
+def reconstruct_next_layers(
+    pruned: nn.Module,
+    dense: nn.Module,
+    images: torch.Tensor,
+    timer: ForwardTimer | None = None,
+    samples_per_image: int = 10,
+    ridge: float = 1e-3,
+) -> int:
+    """Least-squares reconstruction (He et al., ICCV 2017; AMC's channel pruning).
+
+    For every conv whose *input* channels were pruned, refit its weights so its output on the pruned
+    net's features matches the dense net's output, from ``samples_per_image`` random positions per
+    image. Returns the number of layers rebuilt.
+    """
+    timer = timer or ForwardTimer()
+    dense_mods = dict(dense.named_modules())
+    targets = [
+        (name, m) for name, m in pruned.named_modules()
+        if isinstance(m, nn.Conv2d) and m.groups == 1 and name in dense_mods
+        and m.in_channels < dense_mods[name].in_channels
+    ]
+    if not targets:
+        return 0
+    gen = torch.Generator().manual_seed(0)
+    xs: dict[str, torch.Tensor] = {}
+    ys: dict[str, torch.Tensor] = {}
+    picks: dict[str, torch.Tensor] = {}
+
+    def pick(name: str, n: int, hw: int) -> torch.Tensor:
+        if name not in picks:
+            picks[name] = torch.randint(0, hw, (n, samples_per_image), generator=gen)
+        return picks[name]
+
+    def grab_input(name: str, m: nn.Conv2d) -> Callable[..., None]:
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            cols = F.unfold(inp[0], m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
+            idx = pick(name, cols.shape[0], cols.shape[2])
+            sel = torch.gather(cols, 2, idx.unsqueeze(1).expand(-1, cols.shape[1], -1))
+            xs[name] = torch.cat([xs[name], sel.permute(0, 2, 1).reshape(-1, cols.shape[1])]) if name in xs else sel.permute(0, 2, 1).reshape(-1, cols.shape[1])
+        return hook
+
+    def grab_output(name: str) -> Callable[..., None]:
+        def hook(mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            flat = out.flatten(2)  # (N, C, L)
+            idx = pick(name, flat.shape[0], flat.shape[2])
+            sel = torch.gather(flat, 2, idx.unsqueeze(1).expand(-1, flat.shape[1], -1))
+            ys[name] = torch.cat([ys[name], sel.permute(0, 2, 1).reshape(-1, flat.shape[1])]) if name in ys else sel.permute(0, 2, 1).reshape(-1, flat.shape[1])
+        return hook
+
+    handles = []
+    for name, m in targets:
+        handles.append(m.register_forward_hook(grab_input(name, m)))
+        handles.append(dense_mods[name].register_forward_hook(grab_output(name)))
+    dense.eval()
+    pruned.eval()
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), 128):
+                batch = images[i: i + 128]
+                picks.clear()
+                timer.run(lambda: dense(batch))
+                timer.run(lambda: pruned(batch))
+    finally:
+        for h in handles:
+            h.remove()
+    with torch.no_grad():
+        for name, m in targets:
+            x, y = xs[name], ys[name]
+            if m.bias is not None:
+                y = y - m.bias
+            gram = x.T @ x
+            gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0])
+            w = torch.linalg.solve(gram, x.T @ y)  # (C*k*k, O)
+            m.weight.copy_(w.T.reshape_as(m.weight))
+    return len(targets)
+
+
+# --------------------------------------------------------------------------- evaluator
+
+
+@dataclass
+class EvalData:
+    """The fixed tensors an evaluator reads: validation subset, calibration images, train set."""
+
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    calib_x: torch.Tensor
+    train: ImageSet
+    normalizer: Normalizer
+
+    @classmethod
+    def from_splits(cls, splits: DataSplits, val_images: int | None, calib_images: int, seed: int = 0) -> EvalData:
+        norm = Normalizer(splits.mean, splits.std)
+        val = splits.val.subset(val_images, seed)
+        calib = splits.train.subset(calib_images, seed + 1)
+        cl = torch.channels_last
+        return cls(norm(val.images).contiguous(memory_format=cl), val.labels,
+                   norm(calib.images).contiguous(memory_format=cl), splits.train, norm)
+
+
+class Evaluator:
+    """Prunes a copy of the model per strategy and measures it; results are cached by architecture."""
+
+    def __init__(
+        self,
+        pruner: Pruner,
+        splits: DataSplits,
+        fidelity: Fidelity | None = None,
+        latency_model: LatencyModel | None = None,
+        latency_mode: Literal["off", "predict", "measure"] = "predict",
+        latency_batch: int = 1,
+        cache_size: int = 4096,
+    ) -> None:
+        self.pruner = pruner
+        self.splits = splits
+        self.fidelity = fidelity or Fidelity()
+        self.latency_model = latency_model
+        self.latency_mode = latency_mode if (latency_mode != "predict" or latency_model is not None) else "off"
+        self.latency_batch = latency_batch
+        self._data: dict[tuple[int | None, int], EvalData] = {}
+        self._cache: OrderedDict[tuple[object, ...], Metrics] = OrderedDict()
+        self._cache_size = cache_size
+        self.dense_model = pruner.model.to(memory_format=torch.channels_last)
+        self.dense_size = size_on_disk(self.dense_model)
+        self.dense_buffers = sum(b.numel() for b in self.dense_model.buffers() if b.dtype.is_floating_point)
+        self._dense_latency_ms: float | None = None
+        self.evaluations = 0  # real (uncached) evaluations
+        self.forward_seconds = 0.0
+        self.total_seconds = 0.0
+
+    # ------------------------------------------------------------------ data & costs
+
+    def data(self, fidelity: Fidelity) -> EvalData:
+        key = (fidelity.val_images, fidelity.calib_images)
+        if key not in self._data:
+            self._data[key] = EvalData.from_splits(self.splits, fidelity.val_images, fidelity.calib_images)
+        return self._data[key]
+
+    @property
+    def dense_latency_ms(self) -> float | None:
+        if self.latency_model is not None:
+            return self.latency_model.dense_ms
+        if self.latency_mode == "measure":
+            if self._dense_latency_ms is None:
+                self._dense_latency_ms = measure_latency([self.dense_model], self.pruner.input_size, self.latency_batch)[0].median_ms
+            return self._dense_latency_ms
+        return None
+
+    def estimate_size(self, params: int, buffers: int) -> int:
+        """Safetensors size predicted from tensor counts (the header barely changes)."""
+        return int(self.dense_size - 4 * (self.pruner.graph.dense_params + self.dense_buffers - params - buffers))
+
+    def resources(self, kept: np.ndarray) -> dict[str, float]:
+        """Budgeted resources of a candidate as ratios of dense, without pruning it (cheap)."""
+        cost = self.pruner.cost_of_kept(kept)
+        g = self.pruner.graph
+        out = {
+            "flops": cost.macs / g.dense_macs,
+            "params": cost.params / g.dense_params,
+            "size": self.estimate_size(cost.params, cost.bn_buffers + 0) / self.dense_size,
+        }
+        if self.latency_model is not None:
+            out["latency"] = self.latency_model.predict(kept) / self.latency_model.dense_ms
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, strategy: Mapping[str, float], fidelity: Fidelity | None = None) -> Metrics:
+        return self.evaluate_kept(self.pruner.kept_channels(strategy), fidelity)
+
+    def evaluate_vector(self, ratios: np.ndarray, fidelity: Fidelity | None = None) -> Metrics:
+        return self.evaluate_kept(self.pruner.kept_from_vector(ratios), fidelity)
+
+    def evaluate_kept(self, kept: np.ndarray, fidelity: Fidelity | None = None) -> Metrics:
+        fidelity = fidelity or self.fidelity
+        key = (tuple(int(k) for k in kept), fidelity, self.latency_mode)
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return Metrics(**{**hit.__dict__, "cached": True})
+        start = time.perf_counter()
+        timer = ForwardTimer()
+        pruned = self.pruner.prune_kept(kept)
+        prune_s = time.perf_counter() - start
+        model = pruned.model.to(memory_format=torch.channels_last)
+        data = self.data(fidelity)
+        self._apply_fidelity(model, fidelity, data, timer)
+        acc = accuracy(model, data.val_x, data.val_y, fidelity.batch_size, timer)
+        metrics = self._metrics(pruned, acc, fidelity, kept)
+        metrics.prune_time_s = prune_s
+        metrics.forward_time_s = timer.seconds
+        metrics.wall_time_s = time.perf_counter() - start
+        self.evaluations += 1
+        self.forward_seconds += timer.seconds
+        self.total_seconds += metrics.wall_time_s
+        self._cache[key] = metrics
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return metrics
+
+    def _apply_fidelity(self, model: nn.Module, fidelity: Fidelity, data: EvalData, timer: ForwardTimer) -> None:
+        if fidelity.method == "adaptive-bn":
+            recalibrate_batchnorm(model, data.calib_x, fidelity.batch_size, timer)
+        elif fidelity.method == "reconstruct":
+            reconstruct_next_layers(model, self.dense_model, data.calib_x, timer)
+            recalibrate_batchnorm(model, data.calib_x, fidelity.batch_size, timer)
+        elif fidelity.method == "short-finetune":
+            recalibrate_batchnorm(model, data.calib_x, fidelity.batch_size, timer)
+            cfg = FinetuneConfig(steps=fidelity.finetune_steps, lr=fidelity.finetune_lr, batch_size=fidelity.batch_size, warmup_fraction=0.1)
+            result = finetune(model, data.train, data.normalizer, cfg)
+            timer.seconds += result.forward_seconds
+
+    def _metrics(self, pruned: PrunedModel, acc: float, fidelity: Fidelity, kept: np.ndarray) -> Metrics:
+        g = self.pruner.graph
+        cost = self.pruner.cost_of_kept(kept)
+        size = size_on_disk(pruned.model)
+        latency = latency_ratio = source = None
+        if self.latency_mode == "predict" and self.latency_model is not None:
+            latency, source = self.latency_model.predict(kept), "predicted"
+            latency_ratio = latency / self.latency_model.dense_ms
+        elif self.latency_mode == "measure":
+            # Dense and pruned in one interleaved run: their ratio is robust to machine noise.
+            dense, mine = measure_latency([self.dense_model, pruned.model], self.pruner.input_size, self.latency_batch)
+            latency, source = mine.median_ms, "measured"
+            latency_ratio = mine.median_ms / dense.median_ms
+        return Metrics(
+            accuracy=acc, macs=cost.macs, params=cost.params, size_bytes=size,
+            macs_ratio=cost.macs / g.dense_macs, params_ratio=cost.params / g.dense_params,
+            size_ratio=size / self.dense_size, latency_ms=latency,
+            latency_ratio=latency_ratio,
+            latency_source=source, strategy=pruned.strategy, kept=pruned.kept, fidelity=fidelity.tag,
+            wall_time_s=0.0, forward_time_s=0.0, prune_time_s=0.0,
+        )
+
+    def dense_accuracy(self, fidelity: Fidelity | None = None) -> float:
+        fidelity = fidelity or self.fidelity
+        data = self.data(fidelity)
+        return accuracy(copy.deepcopy(self.dense_model), data.val_x, data.val_y, fidelity.batch_size)

@@ -1,0 +1,114 @@
+"""The last phase of every run: prune with the chosen strategy, fine-tune, measure on the test split.
+
+Final figures are always on the untouched test split after fine-tuning, next to the dense model
+measured in the same run (latency interleaved), optionally after the same fine-tune budget so
+the accuracy drop is honest.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import DataSplits, Normalizer
+from .evaluate import accuracy, recalibrate_batchnorm
+from .finetune import FinetuneConfig, StepCallback, finetune
+from .measure import count_macs, count_params, measure_latency, size_on_disk
+from .pruning import PrunedModel, Pruner
+
+
+@dataclass
+class Figures:
+    accuracy: float
+    macs: int
+    params: int
+    size_bytes: int
+    latency_ms: dict[str, float] = field(default_factory=dict)  # batch size -> median ms
+
+
+@dataclass
+class FinalResult:
+    pruned: PrunedModel
+    figures: dict[str, Figures]  # "dense", "pruned", optionally "dense_finetuned"
+    finetune_seconds: float
+    test_images: int
+    seconds: float
+
+    def report(self) -> dict[str, Any]:
+        d, p = self.figures["dense"], self.figures["pruned"]
+        ref = self.figures.get("dense_finetuned", d)
+        speedups = {b: d.latency_ms[b] / p.latency_ms[b] for b in p.latency_ms if b in d.latency_ms and p.latency_ms[b] > 0}
+        return {
+            "figures": {k: asdict(v) for k, v in self.figures.items()},
+            "accuracy_drop": ref.accuracy - p.accuracy,
+            "macs_ratio": p.macs / d.macs,
+            "params_ratio": p.params / d.params,
+            "size_ratio": p.size_bytes / d.size_bytes,
+            "latency_speedup": speedups,
+            "strategy": self.pruned.strategy,
+            "kept_channels": self.pruned.kept,
+            "spec": self.pruned.spec.to_dict(),
+            "finetune_seconds": self.finetune_seconds,
+            "test_images": self.test_images,
+            "seconds": self.seconds,
+        }
+
+
+def test_tensors(splits: DataSplits, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    test = splits.test.subset(limit, seed=0)
+    x = Normalizer(splits.mean, splits.std)(test.images).contiguous(memory_format=torch.channels_last)
+    return x, test.labels
+
+
+def figures(model: nn.Module, x: torch.Tensor, y: torch.Tensor, input_size: int, latency: Mapping[int, float]) -> Figures:
+    return Figures(accuracy(model, x, y), count_macs(model, input_size), count_params(model), size_on_disk(model),
+                   {str(b): ms for b, ms in latency.items()})
+
+
+def paired_latency(a: nn.Module, b: nn.Module, input_size: int, batches: tuple[int, ...], threads: int | None) -> tuple[dict[int, float], dict[int, float]]:
+    la: dict[int, float] = {}
+    lb: dict[int, float] = {}
+    for bs in batches:
+        ra, rb = measure_latency([a, b], input_size, bs, threads, warmup=3, repeats=30 if bs == 1 else 10)
+        la[bs], lb[bs] = ra.median_ms, rb.median_ms
+    return la, lb
+
+
+def finalize(
+    pruner: Pruner,
+    splits: DataSplits,
+    strategy: Mapping[str, float],
+    config: FinetuneConfig,
+    *,
+    finetune_dense: bool = False,
+    test_images: int | None = None,
+    latency_batches: tuple[int, ...] = (1, 64),
+    threads: int | None = 2,
+    adaptive_bn_images: int = 1024,
+    on_step: StepCallback | None = None,
+) -> FinalResult:
+    start = time.perf_counter()
+    pruned = pruner.prune(strategy)
+    model = pruned.model.to(memory_format=torch.channels_last)
+    norm = Normalizer(splits.mean, splits.std)
+    calib = norm(splits.train.subset(adaptive_bn_images, seed=1).images).contiguous(memory_format=torch.channels_last)
+    recalibrate_batchnorm(model, calib)  # a better start for fine-tuning than stale statistics
+    teacher = pruner.model if config.distill else None
+    ft = finetune(model, splits.train, norm, config, teacher=teacher, on_step=on_step)
+    dense = copy.deepcopy(pruner.model).eval()
+    x, y = test_tensors(splits, test_images)
+    size = pruner.input_size
+    dense_lat, pruned_lat = paired_latency(dense, model, size, latency_batches, threads)
+    figs = {"dense": figures(dense, x, y, size, dense_lat), "pruned": figures(model, x, y, size, pruned_lat)}
+    if finetune_dense:
+        dense_ft = copy.deepcopy(pruner.model)
+        finetune(dense_ft, splits.train, norm, config, teacher=teacher)
+        figs["dense_finetuned"] = figures(dense_ft, x, y, size, dense_lat)
+    pruned.model = model
+    return FinalResult(pruned, figs, ft.seconds, len(y), time.perf_counter() - start)

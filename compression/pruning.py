@@ -1,0 +1,99 @@
+"""Apply a Strategy to a model: constraints -> channel counts -> importance -> pruned copy + spec."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .graph import Cost, LayerInfo, PruningGraph
+from .importance import importance_scores
+from .spec import ArchSpec, spec_of
+from .strategy import PruningConstraints, Strategy, validate_strategy
+
+
+@dataclass
+class PrunedModel:
+    model: nn.Module
+    spec: ArchSpec
+    strategy: Strategy  # the ratios actually applied, after constraints and rounding
+    kept: list[int]  # channels kept per prunable layer
+
+
+class Pruner:
+    """Everything needed to prune one dense model repeatedly and cheaply."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: str,
+        num_classes: int,
+        input_size: int,
+        constraints: PruningConstraints | None = None,
+        criterion: str = "l2",
+        taylor_batch: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.arch = arch
+        self.num_classes = num_classes
+        self.input_size = input_size
+        self.constraints = constraints or PruningConstraints()
+        self.graph = PruningGraph(model, input_size)
+        self.criterion = criterion
+        self._taylor_batch = taylor_batch
+        self._scores: list[np.ndarray] | None = None
+
+    @property
+    def layers(self) -> list[LayerInfo]:
+        return self.graph.layers
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.graph.layers]
+
+    @property
+    def scores(self) -> list[np.ndarray]:
+        if self._scores is None:
+            self._scores = importance_scores(self.model, self.graph, self.criterion, self._taylor_batch)
+        return self._scores
+
+    def max_ratios(self) -> np.ndarray:
+        return self.constraints.max_ratios(len(self.layers))
+
+    def kept_channels(self, strategy: Mapping[str, float]) -> np.ndarray:
+        full = validate_strategy(strategy, self.layer_names)
+        return np.array(
+            [self.constraints.kept(layer.c_out, full[layer.name], layer.index) for layer in self.layers], dtype=np.int64
+        )
+
+    def kept_from_vector(self, ratios: np.ndarray) -> np.ndarray:
+        """Like :meth:`kept_channels` for a ratio vector, without name validation (agents' hot path)."""
+        return np.array(
+            [self.constraints.kept(int(c), float(r), i) for i, (c, r) in enumerate(zip(self.graph.channels, ratios, strict=True))],
+            dtype=np.int64,
+        )
+
+    def cost_of_kept(self, kept: np.ndarray) -> Cost:
+        return self.graph.cost(self.graph.channels - kept)
+
+    def cost(self, strategy: Mapping[str, float]) -> Cost:
+        return self.cost_of_kept(self.kept_channels(strategy))
+
+    def effective(self, kept: np.ndarray) -> Strategy:
+        return {layer.name: float(1.0 - k / layer.c_out) for layer, k in zip(self.layers, kept, strict=True)}
+
+    def prune_kept(self, kept: np.ndarray) -> PrunedModel:
+        keep = {}
+        for i, k in enumerate(kept):
+            if k < self.graph.channels[i]:
+                order = np.argsort(-self.scores[i], kind="stable")
+                keep[i] = np.sort(order[: int(k)])
+        pruned = self.graph.prune(self.model, keep)
+        spec = spec_of(pruned, self.model, self.arch, self.num_classes, self.input_size)
+        return PrunedModel(pruned.eval(), spec, self.effective(kept), [int(k) for k in kept])
+
+    def prune(self, strategy: Mapping[str, float]) -> PrunedModel:
+        return self.prune_kept(self.kept_channels(strategy))

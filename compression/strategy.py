@@ -1,0 +1,90 @@
+"""Strategies: per-layer sparsity ratios ``{layer_name: ratio}``, the one currency of the project.
+
+A ratio is the share of a layer's output channels to remove. The constraints below turn ratios
+into channel counts the same way everywhere (agents' budget checks, the pruner, the cost model),
+so a strategy always means exactly one pruned architecture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import StrategyError
+
+Strategy = dict[str, float]
+
+
+@dataclass(frozen=True)
+class PruningConstraints:
+    """Limits every strategy is held to.
+
+    ``max_ratio`` 0.8 follows AMC (keep ratio >= 0.2); the first prunable layer is held to 50 %
+    because early features are shared by everything after them; ``round_to`` rounds kept channel
+    counts to a multiple (hardware-friendly widths), off by default; at least one channel stays.
+    """
+
+    max_ratio: float = 0.8
+    first_layer_max_ratio: float = 0.5
+    round_to: int | None = None
+    min_channels: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.max_ratio < 1.0:
+            raise StrategyError(f"max_ratio must be in [0, 1), got {self.max_ratio}")
+        if not 0.0 <= self.first_layer_max_ratio < 1.0:
+            raise StrategyError(f"first_layer_max_ratio must be in [0, 1), got {self.first_layer_max_ratio}")
+        if self.round_to is not None and self.round_to < 1:
+            raise StrategyError("round_to must be a positive integer")
+        if self.min_channels < 1:
+            raise StrategyError("min_channels must be at least 1")
+
+    def layer_max(self, index: int) -> float:
+        return min(self.max_ratio, self.first_layer_max_ratio) if index == 0 else self.max_ratio
+
+    def max_ratios(self, n_layers: int) -> np.ndarray:
+        return np.array([self.layer_max(i) for i in range(n_layers)])
+
+    def kept(self, channels: int, ratio: float, index: int) -> int:
+        """Channels kept when ``ratio`` of ``channels`` is removed from layer ``index``."""
+        ratio = min(max(ratio, 0.0), self.layer_max(index))
+        keep = channels - math.floor(ratio * channels + 1e-9)
+        if self.round_to and self.round_to > 1 and channels > self.round_to:
+            keep = max(self.round_to, int(round(keep / self.round_to)) * self.round_to)
+        lowest = max(self.min_channels, math.ceil((1.0 - self.layer_max(index)) * channels - 1e-9))
+        return int(min(channels, max(keep, lowest, 1)))
+
+
+def validate_strategy(strategy: Mapping[str, float], layer_names: Sequence[str]) -> Strategy:
+    """Check names and ranges; return the strategy over all layers in depth order (missing = 0)."""
+    known = set(layer_names)
+    unknown = [k for k in strategy if k not in known]
+    if unknown:
+        shown = ", ".join(unknown[:5])
+        raise StrategyError(f"unknown layer(s) in strategy: {shown}; prunable layers are e.g. {', '.join(layer_names[:3])}")
+    out: Strategy = {}
+    for name in layer_names:
+        r = float(strategy.get(name, 0.0))
+        if not (0.0 <= r < 1.0) or math.isnan(r):
+            raise StrategyError(f"ratio for {name} must be in [0, 1), got {r}")
+        out[name] = r
+    return out
+
+
+def uniform_strategy(layer_names: Sequence[str], ratio: float) -> Strategy:
+    if not 0.0 <= ratio < 1.0:
+        raise StrategyError(f"ratio must be in [0, 1), got {ratio}")
+    return {name: float(ratio) for name in layer_names}
+
+
+def to_vector(strategy: Mapping[str, float], layer_names: Sequence[str]) -> np.ndarray:
+    return np.array([float(strategy.get(n, 0.0)) for n in layer_names], dtype=np.float64)
+
+
+def from_vector(ratios: Sequence[float], layer_names: Sequence[str]) -> Strategy:
+    if len(ratios) != len(layer_names):
+        raise StrategyError(f"expected {len(layer_names)} ratios, got {len(ratios)}")
+    return {n: float(r) for n, r in zip(layer_names, ratios, strict=True)}

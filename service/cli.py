@@ -1,0 +1,172 @@
+"""The ``prunepilot`` command line. Bad input exits non-zero with one clear line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from prunepilot.compression import (
+    CRITERIA,
+    FinetuneConfig,
+    PrunePilotError,
+    PruningConstraints,
+    StrategyError,
+    arch_info,
+    build_model,
+    finalize,
+    save_artifact,
+    uniform_strategy,
+)
+from prunepilot.compression.graph import PruningGraph
+
+from .settings import get_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="prunepilot: per-layer pruning ratios under a budget.")
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".strip()
+
+
+@app.command()
+def profile(
+    arch: Annotated[str, typer.Option(help="architecture name, e.g. resnet56, mobilenet_v2")],
+    weights: Annotated[Path | None, typer.Option(help="state dict or safetensors (optional: shapes only)")] = None,
+    input_size: Annotated[int | None, typer.Option(help="input resolution (default: the architecture's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Print the prunable layers in depth order with their shapes and costs."""
+    info = arch_info(arch)
+    if weights is not None:
+        from .workspace import load_user_model
+
+        model, _ = load_user_model(arch, weights)
+    else:
+        model = build_model(arch)
+    graph = PruningGraph(model, input_size or info.input_size)
+    if as_json:
+        console.print_json(json.dumps([layer.__dict__ for layer in graph.layers]))
+        return
+    table = Table(title=f"{arch}: {len(graph.layers)} prunable layers, {_human(graph.dense_macs)} MACs, {_human(graph.dense_params)} params")
+    for col in ("#", "layer", "type", "N", "C_in", "C_out", "H", "W", "k", "s", "MACs", "params", "coupled"):
+        table.add_column(col, justify="right" if col not in ("layer", "type") else "left")
+    for layer in graph.layers:
+        table.add_row(str(layer.index), layer.name, layer.type, str(layer.n), str(layer.c_in), str(layer.c_out), str(layer.h),
+                      str(layer.w), str(layer.kernel), str(layer.stride), _human(layer.flops), _human(layer.params),
+                      str(len(layer.coupled)))
+    console.print(table)
+
+
+def _load_strategy(path: Path) -> dict[str, float]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise StrategyError(f"cannot read strategy file {path}: {exc}") from None
+    data = data.get("strategy", data) if isinstance(data, dict) else data
+    if not isinstance(data, dict) or not all(isinstance(v, (int, float)) for v in data.values()):
+        raise StrategyError(f"{path}: expected a JSON object {{layer: ratio}}")
+    return {str(k): float(v) for k, v in data.items()}
+
+
+@app.command()
+def prune(
+    arch: Annotated[str, typer.Option(help="architecture name from the zoo")],
+    weights: Annotated[Path, typer.Option(help="state dict (.pt/.th) or .safetensors")],
+    out: Annotated[Path, typer.Option(help="output directory for the artifact and report")],
+    data: Annotated[str, typer.Option(help="cifar10-jpeg, or an ImageFolder directory / zip")] = "cifar10-jpeg",
+    uniform: Annotated[float | None, typer.Option(help="one sparsity ratio for every prunable layer, in [0, 1)")] = None,
+    strategy: Annotated[Path | None, typer.Option(help="JSON file {layer: ratio}")] = None,
+    criterion: Annotated[str, typer.Option(help=f"channel importance: {', '.join(CRITERIA)}")] = "l2",
+    round_to: Annotated[int | None, typer.Option(help="round kept channels to a multiple")] = None,
+    max_ratio: Annotated[float, typer.Option(help="largest ratio any layer may take")] = 0.8,
+    finetune_epochs: Annotated[float, typer.Option(help="epochs of fine-tuning after pruning")] = 0.0,
+    lr: Annotated[float, typer.Option(help="fine-tune learning rate")] = 0.01,
+    distill: Annotated[bool, typer.Option(help="distil from the dense model while fine-tuning")] = False,
+    finetune_dense: Annotated[bool, typer.Option(help="also fine-tune the dense model with the same budget")] = False,
+    test_images: Annotated[int | None, typer.Option(help="evaluate on a class-stratified subset of the test split")] = None,
+) -> None:
+    """Prune with a uniform ratio or a strategy file, fine-tune, measure, write artifact + report."""
+    settings = get_settings()
+    if (uniform is None) == (strategy is None):
+        _fail("give exactly one of --uniform or --strategy")
+    if uniform is not None and not 0.0 <= uniform < 1.0:
+        _fail(f"--uniform must be in [0, 1), got {uniform}")
+    if criterion not in CRITERIA:
+        _fail(f"unknown --criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    import torch
+
+    torch.set_num_threads(settings.threads)
+    from .workspace import open_session
+
+    constraints = PruningConstraints(max_ratio=max_ratio, round_to=round_to)
+    session = open_session(arch, weights, data, settings, constraints, criterion, progress=True)
+    chosen = uniform_strategy(session.pruner.layer_names, uniform) if uniform is not None else _load_strategy(strategy)  # type: ignore[arg-type]
+    config = FinetuneConfig(epochs=finetune_epochs, lr=lr, distill=distill)
+    from tqdm import tqdm
+
+    total = config.total_steps(len(session.splits.train))
+    with tqdm(total=total, desc="fine-tuning", unit="step", disable=total == 0, mininterval=1.0) as bar:
+        def on_step(step: int, total: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        result = finalize(session.pruner, session.splits, chosen, config, finetune_dense=finetune_dense,
+                          test_images=test_images, threads=settings.threads, on_step=on_step)
+    report: dict[str, Any] = {"arch": arch, "weights": str(weights), "data": data, "criterion": criterion,
+                              "finetune": config.__dict__, **result.report()}
+    save_artifact(result.pruned.model, result.pruned.spec, out, report)
+    _print_final(report)
+    console.print(f"artifact: {out.resolve()}  (load with prunepilot.compression.load_artifact)")
+
+
+def _print_final(report: dict[str, Any]) -> None:
+    figs = report["figures"]
+    table = Table(title=f"test accuracy on {report['test_images']} images")
+    table.add_column("")
+    for name in figs:
+        table.add_column(name.replace("_", " "), justify="right")
+    rows = [
+        ("accuracy", lambda f: f"{f['accuracy']:.2%}"),
+        ("MACs", lambda f: _human(f["macs"])),
+        ("params", lambda f: _human(f["params"])),
+        ("size", lambda f: _human(f["size_bytes"], "B")),
+    ]
+    for batch in figs["dense"]["latency_ms"]:
+        rows.append((f"latency b{batch}", lambda f, b=batch: f"{f['latency_ms'][b]:.2f} ms"))
+    for label, fmt in rows:
+        table.add_row(label, *[fmt(f) for f in figs.values()])
+    console.print(table)
+    speed = ", ".join(f"b{b}: {s:.2f}x" for b, s in report["latency_speedup"].items())
+    console.print(f"MACs kept {report['macs_ratio']:.1%}, params kept {report['params_ratio']:.1%}, speedup {speed}, "
+                  f"accuracy drop {report['accuracy_drop'] * 100:.2f} pt")
+
+
+def main() -> None:
+    try:
+        app()
+    except PrunePilotError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

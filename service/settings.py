@@ -1,0 +1,64 @@
+"""All settings in one place, from ``PRUNEPILOT_*`` environment variables (or a .env file)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "prunepilot"
+
+
+def _default_cifar_zip() -> Path:
+    # The shared data set sits beside a source checkout; elsewhere set PRUNEPILOT_CIFAR10_ZIP.
+    return (_REPO.parent / "shared" / "data" / "cifar10-jpeg.zip").resolve()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PRUNEPILOT_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(default_factory=_default_data_dir, description="jobs, uploads, artifacts, caches, SQLite file")
+    cifar10_zip: Path = Field(default_factory=_default_cifar_zip, description="CIFAR-10-JPEG zip for the built-in data set")
+    shared_weights_dir: Path = Field(default_factory=lambda: (_REPO.parent / "shared" / "data").resolve())
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
+    ray_address: str | None = Field(default=None, description="Ray cluster address; default: embedded local Ray")
+    threads: int = Field(default=2, ge=1, description="torch intra-op threads per worker")
+    job_cpus: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per job")
+    max_concurrent_jobs: int = Field(default=2, ge=1)
+    max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="largest accepted upload")
+    max_zip_files: int = Field(default=200_000)
+    max_zip_bytes: int = Field(default=4 * 1024**3, description="cap on a dataset zip's uncompressed size")
+    job_max_attempts: int = Field(default=3, ge=1, description="runs of a job whose worker died, before it fails")
+    dispatch_interval_s: float = Field(default=1.0, gt=0)
+    auth_disabled: bool = Field(default=False, description="accept requests without an API key (single-user local use)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'prunepilot.db'}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
