@@ -60,7 +60,7 @@ class FinalResult:
         }
 
 
-def test_tensors(splits: DataSplits, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def heldout_tensors(splits: DataSplits, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     test = splits.test.subset(limit, seed=0)
     x = Normalizer(splits.mean, splits.std)(test.images).contiguous(memory_format=torch.channels_last)
     return x, test.labels
@@ -102,7 +102,7 @@ def finalize(
     teacher = pruner.model if config.distill else None
     ft = finetune(model, splits.train, norm, config, teacher=teacher, on_step=on_step)
     dense = copy.deepcopy(pruner.model).eval()
-    x, y = test_tensors(splits, test_images)
+    x, y = heldout_tensors(splits, test_images)
     size = pruner.input_size
     dense_lat, pruned_lat = paired_latency(dense, model, size, latency_batches, threads)
     figs = {"dense": figures(dense, x, y, size, dense_lat), "pruned": figures(model, x, y, size, pruned_lat)}

@@ -1,0 +1,83 @@
+"""Shared fixtures: real data (a deterministic CIFAR-10-JPEG subset) and the real pretrained weights."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunepilot.service.settings import Settings
+
+torch.set_num_threads(2)
+
+
+def _shared_dir() -> Path:
+    return Settings().shared_weights_dir
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    d = _shared_dir()
+    assert (d / "cifar10-jpeg.zip").is_file(), f"shared data missing at {d}"
+    return d
+
+
+@pytest.fixture(scope="session")
+def resnet20_weights(shared_dir: Path) -> Path:
+    return shared_dir / "resnet20-cifar10.th"
+
+
+@pytest.fixture(scope="session")
+def resnet56_weights(shared_dir: Path) -> Path:
+    return shared_dir / "resnet56-cifar10.th"
+
+
+def make_mini_zip(src: Path, dst: Path, train_per_class: int, test_per_class: int) -> Path:
+    """Copy the first N images per class of each split (stored members, so this is a byte copy)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for info in zin.infolist():
+            parts = info.filename.split("/")
+            if len(parts) != 4:
+                continue
+            limit = train_per_class if parts[1] == "train" else test_per_class
+            if int(Path(parts[3]).stem) < limit:
+                zout.writestr(info.filename, zin.read(info))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def mini_zip(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """1,500 training and 500 test images (the first 150 / 50 of each class), fixed."""
+    return make_mini_zip(shared_dir / "cifar10-jpeg.zip", tmp_path_factory.mktemp("data") / "cifar-mini.zip", 150, 50)
+
+
+@pytest.fixture(scope="session")
+def mini_splits(mini_zip: Path):
+    from prunepilot.compression import load_splits
+
+    return load_splits(mini_zip, val_size=300)
+
+
+@pytest.fixture(scope="session")
+def resnet20(resnet20_weights: Path):
+    from prunepilot.compression import load_model
+
+    return load_model("resnet20", resnet20_weights)
+
+
+@pytest.fixture()
+def settings(tmp_path: Path, shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("PRUNEPILOT_DATA_DIR", str(tmp_path / "data"))
+    from prunepilot.service.settings import get_settings
+
+    get_settings.cache_clear()
+    s = get_settings()
+    yield s
+    get_settings.cache_clear()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

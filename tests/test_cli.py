@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from prunepilot.compression import count_macs, load_artifact
+from prunepilot.compression.data import load_splits
+from prunepilot.compression.evaluate import accuracy
+from prunepilot.compression.finalize import heldout_tensors
+
+
+def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "prunepilot.service.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture()
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return {"PRUNEPILOT_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_profile_lists_prunable_layers(resnet20_weights: Path, cli_env) -> None:
+    r = run_cli("profile", "--arch", "resnet20", "--weights", str(resnet20_weights), "--json", env_extra=cli_env)
+    assert r.returncode == 0, r.stderr
+    layers = json.loads(r.stdout)
+    assert [x["name"] for x in layers][:2] == ["layer1.0.conv1", "layer1.1.conv1"]
+    first = layers[0]
+    assert (first["c_in"], first["c_out"], first["h"], first["w"], first["kernel"], first["stride"]) == (16, 16, 32, 32, 3, 1)
+    assert first["flops"] == 16 * 16 * 9 * 32 * 32
+
+
+def test_prune_end_to_end(mini_zip: Path, resnet20_weights: Path, tmp_path: Path, cli_env) -> None:
+    out = tmp_path / "out"
+    r = run_cli("prune", "--arch", "resnet20", "--weights", str(resnet20_weights), "--data", str(mini_zip), "--uniform", "0.5",
+                "--finetune-epochs", "0.2", "--out", str(out), env_extra=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "accuracy" in r.stdout and "latency b1" in r.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["macs_ratio"] == pytest.approx(0.505, abs=0.01)
+    model = load_artifact(out)
+    assert count_macs(model, 32) == report["figures"]["pruned"]["macs"]
+    x, y = heldout_tensors(load_splits(mini_zip, val_size=300))
+    assert accuracy(model.to(memory_format=torch.channels_last), x, y) == pytest.approx(report["figures"]["pruned"]["accuracy"], abs=1e-6)
+    assert report["figures"]["pruned"]["accuracy"] > 0.3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "resnet21", "--uniform", "0.5"], "unknown architecture 'resnet21'"),
+        (["--arch", "resnet20", "--uniform", "1.0"], "--uniform must be in [0, 1)"),
+        (["--arch", "resnet20", "--uniform", "-0.2"], "--uniform must be in [0, 1)"),
+        (["--arch", "resnet20", "--uniform", "0.5", "--data", "/no/such/data"], "data not found"),
+        (["--arch", "resnet20", "--uniform", "0.5", "--criterion", "random"], "unknown --criterion"),
+        (["--arch", "resnet20"], "give exactly one of --uniform or --strategy"),
+    ],
+)
+def test_bad_input_exits_with_one_clear_line(args: list[str], message: str, resnet20_weights: Path, tmp_path: Path, cli_env) -> None:
+    r = run_cli("prune", "--weights", str(resnet20_weights), "--out", str(tmp_path / "o"), *args, env_extra=cli_env)
+    assert r.returncode != 0
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_wrong_and_missing_weights(resnet56_weights: Path, tmp_path: Path, cli_env) -> None:
+    r = run_cli("prune", "--arch", "resnet20", "--weights", str(resnet56_weights), "--uniform", "0.5", "--out", str(tmp_path / "o"),
+                env_extra=cli_env)
+    assert r.returncode == 2 and "unexpected keys" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("prune", "--arch", "resnet20", "--weights", str(tmp_path / "none.th"), "--uniform", "0.5", "--out", str(tmp_path / "o"),
+                env_extra=cli_env)
+    assert r.returncode == 2 and "weights file not found" in r.stderr

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from prunepilot.compression import Evaluator, Fidelity, FinetuneConfig, Pruner, finetune, uniform_strategy
+from prunepilot.compression.data import Normalizer
+from prunepilot.compression.evaluate import accuracy, fold_batchnorm, recalibrate_batchnorm
+from prunepilot.compression.finalize import heldout_tensors
+
+# Measured here: pretrained ResNet-20 on all 10,000 JPEG test images (prunepilot prune ... --uniform 0).
+RESNET20_FULL_TEST_ACC = 0.810
+
+
+@pytest.fixture(scope="module")
+def evaluator(resnet20, mini_splits) -> Evaluator:
+    pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32)
+    return Evaluator(pruner, mini_splits, Fidelity(val_images=300, calib_images=512))
+
+
+def test_subset_accuracy_close_to_full_test_set(resnet20, mini_splits) -> None:
+    x, y = heldout_tensors(mini_splits)
+    assert len(y) == 500
+    acc = accuracy(copy.deepcopy(resnet20), x, y)
+    assert acc == pytest.approx(RESNET20_FULL_TEST_ACC, abs=0.04)
+
+
+def test_folded_batchnorm_gives_the_same_predictions(resnet20, mini_splits) -> None:
+    x, _ = heldout_tensors(mini_splits, 64)
+    model = copy.deepcopy(resnet20).eval()
+    with torch.no_grad():
+        assert torch.allclose(fold_batchnorm(model)(x), model(x), atol=1e-4)
+
+
+def test_uniform_half_with_adaptive_bn_far_above_chance(evaluator: Evaluator) -> None:
+    s = uniform_strategy(evaluator.pruner.layer_names, 0.5)
+    none = evaluator.evaluate(s, Fidelity(method="none", val_images=300, calib_images=512))
+    abn = evaluator.evaluate(s)
+    assert abn.macs_ratio == pytest.approx(0.505, abs=0.01)
+    assert abn.accuracy > 0.3  # chance is 0.1
+    assert abn.accuracy > none.accuracy + 0.1  # stale BN statistics wreck the pruned net
+    assert abn.forward_time_s > 0 and abn.wall_time_s >= abn.forward_time_s
+    assert abn.fidelity.startswith("adaptive-bn")
+
+
+def test_results_are_cached_by_architecture(evaluator: Evaluator) -> None:
+    s = uniform_strategy(evaluator.pruner.layer_names, 0.3)
+    first = evaluator.evaluate(s)
+    n = evaluator.evaluations
+    # a different ratio that rounds to the same channel counts is the same architecture
+    again = evaluator.evaluate(uniform_strategy(evaluator.pruner.layer_names, 0.31))
+    assert evaluator.evaluations == n and again.cached and again.accuracy == first.accuracy
+
+
+def test_resources_match_evaluated_metrics(evaluator: Evaluator) -> None:
+    rng = np.random.default_rng(4)
+    ratios = rng.uniform(0, 0.7, len(evaluator.pruner.layers))
+    kept = evaluator.pruner.kept_from_vector(ratios)
+    res = evaluator.resources(kept)
+    m = evaluator.evaluate_vector(ratios, Fidelity(method="none", val_images=100, calib_images=64))
+    assert res["flops"] == pytest.approx(m.macs_ratio)
+    assert res["params"] == pytest.approx(m.params_ratio)
+    assert res["size"] == pytest.approx(m.size_ratio, rel=0.01)
+
+
+def test_reconstruct_and_short_finetune_fidelities_run(evaluator: Evaluator) -> None:
+    s = uniform_strategy(evaluator.pruner.layer_names, 0.5)
+    rec = evaluator.evaluate(s, Fidelity(method="reconstruct", val_images=300, calib_images=256))
+    ft = evaluator.evaluate(s, Fidelity(method="short-finetune", val_images=300, calib_images=256, finetune_steps=5, batch_size=64))
+    assert rec.accuracy > 0.2 and ft.accuracy > 0.2
+    assert rec.fidelity.startswith("reconstruct") and "ft=5" in ft.fidelity
+
+
+def test_recalibration_uses_exact_average(resnet20, mini_splits) -> None:
+    model = copy.deepcopy(resnet20)
+    x = Normalizer(mini_splits.mean, mini_splits.std)(mini_splits.train.images[:64])
+    recalibrate_batchnorm(model, x, batch_size=32)
+    bn = model.bn1
+    with torch.no_grad():
+        feats = model.conv1(x)
+    assert torch.allclose(bn.running_mean, feats.mean((0, 2, 3)), atol=1e-4)
+    assert bn.momentum == 0.1 and not model.training
+
+
+def test_finetuning_improves_a_pruned_model(resnet20, mini_splits) -> None:
+    pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32)
+    model = pruner.prune(uniform_strategy(pruner.layer_names, 0.6)).model
+    norm = Normalizer(mini_splits.mean, mini_splits.std)
+    recalibrate_batchnorm(model, norm(mini_splits.train.images[:512]))
+    x, y = heldout_tensors(mini_splits)
+    before = accuracy(model, x, y)
+    result = finetune(model, mini_splits.train, norm, FinetuneConfig(steps=60, lr=0.01, batch_size=64))
+    after = accuracy(model, x, y)
+    assert result.steps == 60
+    assert after > before + 0.05

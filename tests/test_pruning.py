@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch_pruning as tp
+
+from prunepilot.compression import (
+    Pruner,
+    PruningConstraints,
+    StrategyError,
+    build_from_spec,
+    build_model,
+    count_macs,
+    count_params,
+    uniform_strategy,
+)
+from prunepilot.compression.strategy import from_vector
+
+TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "vgg16_bn"]
+
+
+def test_cifar_resnet_prunes_block_internals_only(resnet20) -> None:
+    pruner = Pruner(resnet20, "resnet20", 10, 32)
+    names = pruner.layer_names
+    # residual-tied outputs (stem, conv2 of each block) are never prunable with option-A shortcuts
+    assert names == [f"layer{s}.{b}.conv1" for s in (1, 2, 3) for b in range(3)]
+    assert [layer.c_out for layer in pruner.layers] == [16] * 3 + [32] * 3 + [64] * 3
+
+
+def test_uniform_half_removes_half_the_macs(resnet20) -> None:
+    pruner = Pruner(resnet20, "resnet20", 10, 32)
+    pruned = pruner.prune(uniform_strategy(pruner.layer_names, 0.5))
+    dense_macs = count_macs(resnet20, 32)
+    assert count_macs(pruned.model, 32) / dense_macs == pytest.approx(0.505, abs=0.01)
+    assert pruned.kept == [8] * 3 + [16] * 3 + [32] * 3
+
+
+@pytest.mark.parametrize("arch", ["resnet56", *TORCHVISION])
+def test_random_strategy_prunes_every_zoo_arch_and_cost_model_is_exact(arch: str) -> None:
+    size = 32 if arch == "resnet56" or arch == "vgg16_bn" else 64
+    model = build_model(arch)
+    pruner = Pruner(model, arch, 10, size)
+    rng = np.random.default_rng(0)
+    strategy = from_vector(rng.uniform(0, 0.8, len(pruner.layers)), pruner.layer_names)
+    pruned = pruner.prune(strategy)
+    out = pruned.model(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 10)
+    cost = pruner.cost(strategy)
+    assert cost.macs == count_macs(pruned.model, size)
+    assert cost.params == count_params(pruned.model)
+    assert cost.macs < pruner.graph.dense_macs
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenet_v2"])
+def test_rebuilt_from_spec_equals_pruned(arch: str, resnet20) -> None:
+    model = resnet20 if arch == "resnet20" else build_model(arch)
+    size = 32
+    pruner = Pruner(model, arch, 10, size)
+    rng = np.random.default_rng(1)
+    pruned = pruner.prune(from_vector(rng.uniform(0, 0.7, len(pruner.layers)), pruner.layer_names))
+    rebuilt = build_from_spec(pruned.spec, pruned.model.state_dict())
+    x = torch.randn(3, 3, size, size)
+    assert torch.equal(rebuilt(x), pruned.model(x))
+
+
+def test_replayed_plan_matches_torch_pruning_group_pruning(resnet20) -> None:
+    """Our recorded plans must prune exactly what Torch-Pruning's own group.prune() would."""
+    pruner = Pruner(resnet20, "resnet20", 10, 32)
+    strategy = from_vector([0.25, 0.5, 0.0, 0.5, 0.25, 0.75, 0.5, 0.5, 0.25], pruner.layer_names)
+    ours = pruner.prune(strategy).model
+    import copy
+
+    theirs = copy.deepcopy(resnet20)
+    dg = tp.DependencyGraph().build_dependency(theirs, example_inputs=torch.randn(1, 3, 32, 32))
+    for i, layer in enumerate(pruner.layers):
+        kept = pruner.kept_channels(strategy)[i]
+        order = np.argsort(-pruner.scores[i], kind="stable")
+        drop = sorted(int(c) for c in order[kept:])
+        if drop:
+            m = theirs.get_submodule(layer.name)
+            dg.get_pruning_group(m, tp.prune_conv_out_channels, drop).prune()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_constraints_first_layer_max_and_rounding(resnet20) -> None:
+    pruner = Pruner(resnet20, "resnet20", 10, 32, PruningConstraints(max_ratio=0.75))
+    kept = pruner.kept_channels(uniform_strategy(pruner.layer_names, 0.9))
+    assert kept[0] == 8  # first prunable layer held to 50 %
+    assert list(kept[1:]) == [4, 4, 8, 8, 8, 16, 16, 16]  # others held to 75 %
+    rounded = Pruner(resnet20, "resnet20", 10, 32, PruningConstraints(round_to=8))
+    kept = rounded.kept_channels(uniform_strategy(rounded.layer_names, 0.3))
+    assert all(k % 8 == 0 for k in kept)
+    tiny = PruningConstraints(max_ratio=0.99, first_layer_max_ratio=0.99)
+    assert tiny.kept(4, 0.99, 3) == 1  # never fewer than one channel
+
+
+def test_bad_strategies(resnet20) -> None:
+    pruner = Pruner(resnet20, "resnet20", 10, 32)
+    with pytest.raises(StrategyError, match="unknown layer"):
+        pruner.prune({"layer9.conv": 0.5})
+    with pytest.raises(StrategyError, match=r"\[0, 1\)"):
+        pruner.prune({pruner.layer_names[0]: 1.0})
+    with pytest.raises(StrategyError):
+        uniform_strategy(pruner.layer_names, -0.1)
+
+
+def test_pruning_leaves_the_dense_model_untouched(resnet20) -> None:
+    pruner = Pruner(resnet20, "resnet20", 10, 32)
+    before = {k: v.clone() for k, v in resnet20.state_dict().items()}
+    pruner.prune(uniform_strategy(pruner.layer_names, 0.6))
+    after = resnet20.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
