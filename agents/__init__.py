@@ -1,0 +1,23 @@
+"""Search agents behind one interface (:class:`Agent`), registered by name."""
+
+from __future__ import annotations
+
+from ._base import (
+    Agent,
+    MemoryRecorder,
+    SearchCancelled,
+    SearchContext,
+    SearchLimits,
+    SearchResult,
+    TrialRecord,
+    TrialRecorder,
+)
+from .baselines import GlobalAgent, RandomAgent, SensitivityAgent, UniformAgent, solve_uniform
+from .optuna_agents import OptunaNSGA2Agent, OptunaTPEAgent
+from .registry import AGENTS, agent_names, create_agent, describe_agents
+
+__all__ = [
+    "AGENTS", "Agent", "GlobalAgent", "MemoryRecorder", "OptunaNSGA2Agent", "OptunaTPEAgent", "RandomAgent",
+    "SearchCancelled", "SearchContext", "SearchLimits", "SearchResult", "SensitivityAgent", "TrialRecord", "TrialRecorder",
+    "UniformAgent", "agent_names", "create_agent", "describe_agents", "solve_uniform",
+]

@@ -157,6 +157,39 @@ def _print_final(report: dict[str, Any]) -> None:
                   f"accuracy drop {report['accuracy_drop'] * 100:.2f} pt")
 
 
+db_app = typer.Typer(help="Database migrations (Alembic).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument(help="target revision")] = "head") -> None:
+    """Create or migrate the database to the latest schema."""
+    from .db.migrate import current_revision, upgrade
+
+    url = get_settings().db_url
+    upgrade(url, revision)
+    console.print(f"database at revision {current_revision(url)}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(revision: Annotated[str, typer.Argument(help="target revision, e.g. -1 or base")]) -> None:
+    """Step the schema back (data in dropped tables is lost)."""
+    from .db.migrate import current_revision, downgrade
+
+    url = get_settings().db_url
+    downgrade(url, revision)
+    console.print(f"database at revision {current_revision(url)}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Show the database's revision and the code's head."""
+    from .db.migrate import current_revision, head_revision
+
+    url = get_settings().db_url
+    console.print(f"current: {current_revision(url)}  head: {head_revision(url)}")
+
+
 def main() -> None:
     try:
         app()

@@ -79,5 +79,32 @@ def settings(tmp_path: Path, shared_dir: Path, monkeypatch: pytest.MonkeyPatch) 
     get_settings.cache_clear()
 
 
+@pytest.fixture(scope="session")
+def postgres_base():
+    from pg import postgres_server
+
+    with postgres_server() as url:
+        yield url
+
+
+_db_counter = [0]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database of each kind: a SQLite file, or a new database on the real PostgreSQL server."""
+    from prunepilot.service.db.engine import dispose_engines
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'pp.db'}"
+    else:
+        from pg import create_database
+
+        _db_counter[0] += 1
+        url = create_database(request.getfixturevalue("postgres_base"), f"t{os.getpid()}_{_db_counter[0]}")
+    yield url
+    dispose_engines()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -1,0 +1,32 @@
+"""Agents by name. AMC and NetAdapt register here too once their modules import cleanly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prunepilot.compression import PrunePilotError
+
+from ._base import Agent
+from .baselines import GlobalAgent, RandomAgent, SensitivityAgent, UniformAgent
+from .optuna_agents import OptunaNSGA2Agent, OptunaTPEAgent
+
+AGENTS: dict[str, type[Agent]] = {
+    cls.name: cls
+    for cls in (UniformAgent, RandomAgent, GlobalAgent, SensitivityAgent, OptunaTPEAgent, OptunaNSGA2Agent)
+}
+
+
+def agent_names() -> list[str]:
+    return list(AGENTS)
+
+
+def describe_agents() -> list[dict[str, str]]:
+    return [{"name": name, "description": cls.description} for name, cls in AGENTS.items()]
+
+
+def create_agent(name: str, **options: Any) -> Agent:
+    try:
+        cls = AGENTS[name]
+    except KeyError:
+        raise PrunePilotError(f"unknown agent {name!r}; available: {', '.join(AGENTS)}") from None
+    return cls(**options)

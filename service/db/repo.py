@@ -1,0 +1,198 @@
+"""Data-access functions (keyword-only), the only place that writes SQL queries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session
+
+from prunepilot.agents import TrialRecord
+
+from .models import ApiKey, Artifact, Job, LatencyEntry, Trial, Upload, utcnow
+
+# ------------------------------------------------------------------ jobs
+
+
+def create_job(session: Session, *, job_id: str, agent: str, arch: str, dataset: str, problem: dict[str, Any],
+               problem_key: str, owner_id: int | None = None) -> Job:
+    job = Job(id=job_id, owner_id=owner_id, agent=agent, arch=arch, dataset=dataset, problem=problem, problem_key=problem_key,
+              status="queued", created_at=utcnow(), updated_at=utcnow())
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get_job(session: Session, *, job_id: str, owner_id: int | None = None, for_update: bool = False) -> Job | None:
+    stmt = select(Job).where(Job.id == job_id)
+    if owner_id is not None:
+        stmt = stmt.where(Job.owner_id == owner_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.scalars(stmt).first()
+
+
+def list_jobs(session: Session, *, owner_id: int | None = None, status: str | None = None, agent: str | None = None,
+              problem_key: str | None = None, limit: int = 50, offset: int = 0) -> tuple[list[Job], int]:
+    stmt = select(Job)
+    if owner_id is not None:
+        stmt = stmt.where(Job.owner_id == owner_id)
+    if status:
+        stmt = stmt.where(Job.status == status)
+    if agent:
+        stmt = stmt.where(Job.agent == agent)
+    if problem_key:
+        stmt = stmt.where(Job.problem_key == problem_key)
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    rows = session.scalars(stmt.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    return list(rows), int(total)
+
+
+def jobs_in_states(session: Session, *, states: Sequence[str]) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.created_at)).all())
+
+
+def update_job(session: Session, *, job_id: str, **values: Any) -> None:
+    values.setdefault("updated_at", utcnow())
+    session.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+def claim_job(session: Session, *, job_id: str, worker_id: str, from_states: Sequence[str]) -> bool:
+    """Atomically move a job to running for one worker; False if someone else got it first."""
+    res = session.execute(
+        update(Job).where(Job.id == job_id, Job.status.in_(from_states))
+        .values(status="running", worker_id=worker_id, heartbeat_at=utcnow(), attempts=Job.attempts + 1,
+                started_at=func.coalesce(Job.started_at, utcnow()), updated_at=utcnow())
+    )
+    return res.rowcount == 1
+
+
+# ------------------------------------------------------------------ trials
+
+
+def _trial_row(job_id: str, t: TrialRecord) -> dict[str, Any]:
+    m = t.metrics
+    return {
+        "job_id": job_id, "step": t.step, "agent": t.agent, "kind": t.kind, "strategy": t.strategy, "metrics": m,
+        "accuracy": float(m["accuracy"]), "macs_ratio": float(m["macs_ratio"]), "params_ratio": float(m["params_ratio"]),
+        "size_ratio": float(m["size_ratio"]), "latency_ms": m.get("latency_ms"), "reward": t.reward, "feasible": t.feasible,
+        "wall_time_s": t.wall_time_s, "extra": t.extra, "created_at": t.created_at,
+    }
+
+
+def record_trial(session: Session, *, job_id: str, trial: TrialRecord) -> bool:
+    """Insert a trial; a step recorded before is kept as it was (idempotent retry). True if inserted."""
+    row = _trial_row(job_id, trial)
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        stmt = sqlite_insert(Trial).values(**row).on_conflict_do_nothing(index_elements=["job_id", "step"])
+    elif dialect == "postgresql":
+        stmt = pg_insert(Trial).values(**row).on_conflict_do_nothing(constraint="uq_trials_job_step")
+    else:  # pragma: no cover - other dialects: plain insert, a duplicate raises
+        session.add(Trial(**row))
+        return True
+    return session.execute(stmt.returning(Trial.id)).scalar() is not None
+
+
+def list_trials(session: Session, *, job_id: str, kind: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[Trial], int]:
+    stmt = select(Trial).where(Trial.job_id == job_id)
+    if kind:
+        stmt = stmt.where(Trial.kind == kind)
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    stmt = stmt.order_by(Trial.step).offset(offset)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return list(session.scalars(stmt).all()), int(total)
+
+
+def trial_records(session: Session, *, job_id: str) -> list[TrialRecord]:
+    rows, _ = list_trials(session, job_id=job_id)
+    return [to_record(r) for r in rows]
+
+
+def to_record(r: Trial) -> TrialRecord:
+    return TrialRecord(step=r.step, agent=r.agent, strategy=dict(r.strategy), metrics=dict(r.metrics), reward=r.reward,
+                       feasible=r.feasible, kind=r.kind, wall_time_s=r.wall_time_s, created_at=r.created_at, extra=dict(r.extra or {}))
+
+
+def trials_for_jobs(session: Session, *, job_ids: Iterable[str]) -> list[Trial]:
+    ids = list(job_ids)
+    if not ids:
+        return []
+    return list(session.scalars(select(Trial).where(Trial.job_id.in_(ids)).order_by(Trial.job_id, Trial.step)).all())
+
+
+# ------------------------------------------------------------------ artifacts and uploads
+
+
+def add_artifact(session: Session, *, job_id: str, kind: str, path: str, size_bytes: int, sha256: str) -> Artifact:
+    art = Artifact(job_id=job_id, kind=kind, path=path, size_bytes=size_bytes, sha256=sha256, created_at=utcnow())
+    session.add(art)
+    session.flush()
+    return art
+
+
+def latest_artifact(session: Session, *, job_id: str, kind: str) -> Artifact | None:
+    return session.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == kind)
+                           .order_by(Artifact.id.desc())).first()
+
+
+def get_upload(session: Session, *, sha256: str) -> Upload | None:
+    return session.get(Upload, sha256)
+
+
+def add_upload(session: Session, *, sha256: str, kind: str, path: str, size_bytes: int, filename: str) -> Upload:
+    existing = session.get(Upload, sha256)
+    if existing is not None:
+        return existing
+    up = Upload(sha256=sha256, kind=kind, path=path, size_bytes=size_bytes, filename=filename, created_at=utcnow())
+    session.add(up)
+    session.flush()
+    return up
+
+
+# ------------------------------------------------------------------ latency table
+
+
+def latency_entries(session: Session, *, device: str) -> dict[str, float]:
+    rows = session.execute(select(LatencyEntry.signature, LatencyEntry.latency_ms).where(LatencyEntry.device == device)).all()
+    return {sig: ms for sig, ms in rows}
+
+
+def put_latency_entries(session: Session, *, device: str, entries: dict[str, tuple[float, int]]) -> int:
+    """Insert measured entries; ones already present (another worker measured them) are kept."""
+    if not entries:
+        return 0
+    rows = [{"device": device, "signature": sig, "latency_ms": ms, "repeats": n, "created_at": utcnow()} for sig, (ms, n) in entries.items()]
+    dialect = session.get_bind().dialect.name
+    ins = sqlite_insert if dialect == "sqlite" else pg_insert
+    stmt = ins(LatencyEntry).values(rows).on_conflict_do_nothing(index_elements=["device", "signature"])
+    return session.execute(stmt).rowcount or 0
+
+
+# ------------------------------------------------------------------ API keys
+
+
+def add_api_key(session: Session, *, name: str, prefix: str, key_hash: str) -> ApiKey:
+    key = ApiKey(name=name, prefix=prefix, key_hash=key_hash, created_at=utcnow())
+    session.add(key)
+    session.flush()
+    return key
+
+
+def key_by_hash(session: Session, *, key_hash: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.key_hash == key_hash, ApiKey.revoked_at.is_(None))).first()
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)).all())
+
+
+def revoke_api_key(session: Session, *, key_id: int, when: datetime | None = None) -> bool:
+    res = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=when or utcnow()))
+    return res.rowcount == 1
+

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+
+from prunepilot.agents import AGENTS, MemoryRecorder, SearchCancelled, SearchContext, SearchLimits, create_agent, solve_uniform
+from prunepilot.compression import Evaluator, Fidelity, PrunePilotError, Pruner
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def evaluator(resnet20, mini_splits) -> Evaluator:
+    return Evaluator(Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32), mini_splits, Fidelity(val_images=100, calib_images=128))
+
+
+def ctx_for(ev: Evaluator, name: str, evals: int = 6, limits: dict[str, float] | None = None, **kw) -> SearchContext:
+    return SearchContext(ev, limits or {"flops": 0.5}, SearchLimits(max_evaluations=evals), seed=0, agent=name, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(AGENTS))
+def test_each_agent_meets_the_budget(evaluator: Evaluator, name: str) -> None:
+    ctx = ctx_for(evaluator, name, evals=24 if name == "sensitivity" else 6)
+    result = create_agent(name).search(ctx)
+    assert result.best is not None and result.best.feasible
+    assert result.best.metrics["macs_ratio"] <= 0.5
+    assert result.trials <= ctx.search.max_evaluations
+    # every trial was recorded under the agent's name, numbered without gaps
+    steps = [t.step for t in ctx.recorder.existing()]
+    assert steps == list(range(len(steps))) and all(t.agent == name for t in ctx.recorder.existing())
+
+
+def test_uniform_solver_hits_the_flops_target_within_one_percent(evaluator: Evaluator) -> None:
+    for target in (0.3, 0.5, 0.7):
+        ctx = ctx_for(evaluator, "uniform", limits={"flops": target})
+        ratios = solve_uniform(ctx)
+        macs = ctx.resources(ratios)["flops"]
+        assert target * 0.99 <= macs <= target
+
+
+def test_multiple_constraints_hold_together(evaluator: Evaluator) -> None:
+    ctx = ctx_for(evaluator, "random", limits={"flops": 0.6, "params": 0.4})
+    best = create_agent("random").search(ctx).best
+    assert best.metrics["macs_ratio"] <= 0.6 and best.metrics["params_ratio"] <= 0.4
+
+
+def test_infeasible_budget_is_a_clear_error(evaluator: Evaluator) -> None:
+    with pytest.raises(PrunePilotError, match="infeasible"):
+        create_agent("uniform").search(ctx_for(evaluator, "uniform", limits={"flops": 0.05}))
+
+
+def test_unknown_agent_and_resource(evaluator: Evaluator) -> None:
+    with pytest.raises(PrunePilotError, match="unknown agent 'nope'"):
+        create_agent("nope")
+    with pytest.raises(PrunePilotError, match="unknown budget resource"):
+        ctx_for(evaluator, "random", limits={"energy": 0.5})
+    with pytest.raises(PrunePilotError, match="latency model"):
+        ctx_for(evaluator, "random", limits={"latency": 0.5})
+
+
+def test_resume_replays_recorded_trials_without_evaluating_again(evaluator: Evaluator) -> None:
+    first = ctx_for(evaluator, "random", evals=4)
+    create_agent("random").search(first)
+    recorded = first.recorder.existing()
+    before = evaluator.evaluations
+    evaluator._cache.clear()
+    resumed = ctx_for(evaluator, "random", evals=6, recorder=MemoryRecorder(recorded[:3]))
+    create_agent("random").search(resumed)
+    trials = resumed.recorder.existing()
+    assert [t.step for t in trials] == list(range(6))
+    assert evaluator.evaluations - before == 3  # steps 0-2 came from the record
+    assert [t.strategy for t in trials[:4]] == [t.strategy for t in recorded[:4]]  # same seed, same proposals
+
+
+def test_cancel_stops_the_search(evaluator: Evaluator) -> None:
+    calls = []
+    rec = MemoryRecorder(stop=lambda: len(calls) > 0)
+    ctx = ctx_for(evaluator, "random", evals=10, recorder=rec, on_trial=calls.append)
+    with pytest.raises(SearchCancelled):
+        create_agent("random").search(ctx)
+    assert len(rec.trials) == 1
+
+
+def test_nsga2_returns_a_pareto_front(evaluator: Evaluator) -> None:
+    ctx = ctx_for(evaluator, "optuna-nsga2", evals=10)
+    result = create_agent("optuna-nsga2", population=4).search(ctx)
+    front = result.pareto
+    assert front
+    for a in front:  # no point of the front dominates another
+        for b in front:
+            if a is not b:
+                assert not (b.accuracy >= a.accuracy and b.metrics["macs_ratio"] <= a.metrics["macs_ratio"]
+                            and (b.accuracy > a.accuracy or b.metrics["macs_ratio"] < a.metrics["macs_ratio"]))
+
+
+def test_sensitivity_records_curves(evaluator: Evaluator) -> None:
+    ctx = ctx_for(evaluator, "sensitivity", evals=30)
+    result = create_agent("sensitivity", points=2).search(ctx)
+    curves = [t for t in ctx.recorder.existing() if t.kind == "sensitivity"]
+    assert len(curves) == 1 + 2 * 9
+    assert set(result.info["curves"]) == set(evaluator.pruner.layer_names)
+    assert result.best.kind == "search"
+
+
+def test_optuna_resumes_a_study_after_the_process_is_killed(tmp_path: Path, mini_zip: Path, resnet20_weights: Path) -> None:
+    from prunepilot.service.db import repo
+    from prunepilot.service.db.engine import session_scope
+    from prunepilot.service.db.migrate import upgrade
+
+    url = f"sqlite:///{tmp_path / 'resume.db'}"
+    upgrade(url)
+    with session_scope(url) as s:
+        repo.create_job(s, job_id="job1", agent="optuna-tpe", arch="resnet20", dataset="mini", problem={}, problem_key="k")
+    cmd = [sys.executable, str(HERE / "helpers" / "optuna_job.py"), url, "job1", str(mini_zip), str(resnet20_weights), "10"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        with session_scope(url) as s:
+            _, n = repo.list_trials(s, job_id="job1")
+        if n >= 4:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up, like a dead worker
+    proc.wait(30)
+    with session_scope(url) as s:
+        _, killed_at = repo.list_trials(s, job_id="job1")
+    assert 4 <= killed_at < 10
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    with session_scope(url) as s:
+        rows, total = repo.list_trials(s, job_id="job1")
+    assert total == 10 and [r.step for r in rows] == list(range(10))
+    assert out["evaluated"] == 10 - killed_at  # nothing recorded was evaluated twice
+    study = optuna.load_study(study_name="job-job1", storage=url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 10
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert sorted(t.user_attrs["step"] for t in complete) == list(range(10))

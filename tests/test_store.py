@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import multiprocessing as mp
+import subprocess
+import sys
+
+import optuna
+import pytest
+from sqlalchemy import inspect
+
+from prunepilot.agents import TrialRecord
+from prunepilot.service.db import repo
+from prunepilot.service.db.engine import StoreError, dispose_engines, get_engine, session_scope
+from prunepilot.service.db.migrate import VERSION_TABLE, current_revision, downgrade, ensure_current, head_revision, upgrade
+from prunepilot.service.db.models import Base
+
+OUR_TABLES = {"api_keys", "uploads", "jobs", "job_trials", "artifacts", "latency_entries"}
+
+
+def tables(url: str) -> set[str]:
+    return set(inspect(get_engine(url)).get_table_names())
+
+
+def test_migrations_upgrade_and_downgrade(db_url: str) -> None:
+    assert current_revision(db_url) is None
+    with pytest.raises(StoreError, match="not migrated.*prunepilot db upgrade"):
+        ensure_current(db_url)
+    upgrade(db_url)
+    assert OUR_TABLES <= tables(db_url) and VERSION_TABLE in tables(db_url)
+    assert current_revision(db_url) == head_revision(db_url)
+    ensure_current(db_url)
+    downgrade(db_url, "base")
+    assert not (OUR_TABLES & tables(db_url))
+    upgrade(db_url)
+    assert OUR_TABLES <= tables(db_url)
+
+
+def test_optuna_and_our_migrations_share_one_database(db_url: str) -> None:
+    upgrade(db_url)
+    storage = optuna.storages.RDBStorage(db_url)  # runs Optuna's own set-up and version check
+    study = optuna.create_study(storage=storage, study_name="coexist")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    assert {"studies", "trials", "alembic_version"} <= tables(db_url)
+    # our history lives in its own version table, Optuna's in alembic_version: both stay valid
+    upgrade(db_url)
+    ensure_current(db_url)
+    again = optuna.storages.RDBStorage(db_url)
+    assert len(optuna.load_study(study_name="coexist", storage=again).trials) == 2
+    # autogenerate sees no difference between our models and our migrations, and never Optuna's tables
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from prunepilot.service.db.migrate import include_object
+
+    with get_engine(db_url).connect() as conn:
+        ctx = MigrationContext.configure(conn, opts={"include_object": include_object, "version_table": VERSION_TABLE})
+        diff = compare_metadata(ctx, Base.metadata)
+    assert diff == []
+    # and downgrading ours leaves Optuna's study intact
+    downgrade(db_url, "base")
+    assert len(optuna.load_study(study_name="coexist", storage=again).trials) == 2
+
+
+def _trial(step: int, acc: float = 0.5) -> TrialRecord:
+    return TrialRecord(step=step, agent="test", strategy={"a": 0.5},
+                       metrics={"accuracy": acc, "macs_ratio": 0.5, "params_ratio": 0.5, "size_ratio": 0.5, "latency_ms": None})
+
+
+def _make_job(url: str, job_id: str) -> None:
+    with session_scope(url) as s:
+        repo.create_job(s, job_id=job_id, agent="test", arch="resnet20", dataset="x", problem={}, problem_key="k")
+
+
+def test_trial_steps_are_unique_and_rewrites_are_idempotent(db_url: str) -> None:
+    upgrade(db_url)
+    _make_job(db_url, "j1")
+    with session_scope(db_url) as s:
+        assert repo.record_trial(s, job_id="j1", trial=_trial(0, 0.4))
+    with session_scope(db_url) as s:
+        assert not repo.record_trial(s, job_id="j1", trial=_trial(0, 0.9))  # same step again: ignored
+    with session_scope(db_url) as s:
+        rows, total = repo.list_trials(s, job_id="j1")
+    assert total == 1 and rows[0].accuracy == 0.4
+
+
+def _writer(url: str, job_id: str, start: int, n: int) -> None:
+    from prunepilot.service.recorder import SqlTrialRecorder
+
+    rec = SqlTrialRecorder(url, job_id)
+    for step in range(start, start + n):
+        rec.record(_trial(step, acc=step / 1000))
+
+
+def test_two_processes_writing_trials_concurrently_lose_nothing(db_url: str) -> None:
+    upgrade(db_url)
+    _make_job(db_url, "shared")
+    dispose_engines()  # no pooled connections may cross the fork
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(db_url, "shared", k * 100, 100)) for k in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    with session_scope(db_url) as s:
+        rows, total = repo.list_trials(s, job_id="shared")
+        job = repo.get_job(s, job_id="shared")
+    assert total == 200 and sorted(r.step for r in rows) == list(range(200))
+    assert job.best_accuracy == pytest.approx(0.199) and job.best_step == 199 and job.evaluations == 200
+
+
+def test_cli_db_upgrade(tmp_path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    r = subprocess.run([sys.executable, "-m", "prunepilot.service.cli", "db", "upgrade"], capture_output=True, text=True,
+                       env={"PRUNEPILOT_DATABASE_URL": url, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stderr
+    assert current_revision(url) == head_revision(url)
+    r = subprocess.run([sys.executable, "-m", "prunepilot.service.cli", "db", "current"], capture_output=True, text=True,
+                       env={"PRUNEPILOT_DATABASE_URL": url, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert head_revision(url) in r.stdout
