@@ -31,7 +31,7 @@ from prunepilot.service.settings import get_settings
 from prunepilot.service.workspace import open_session
 
 RESULTS = Path(__file__).parent / "results" / "engine.json"
-SECTIONS = ("throughput", "prune", "latency", "finetune", "fidelity")
+SECTIONS = ("throughput", "prune", "latency", "finetune", "fidelity", "store")
 
 
 def save(section: str, data: dict[str, Any]) -> None:
@@ -214,6 +214,75 @@ def bench_fidelity(n: int = 12, epochs: float = 1.0) -> None:
     table(f"fidelity ranking: Kendall tau vs test accuracy after {epochs:g} epoch fine-tune, ResNet-20, {n} strategies at 40-60 % MACs "
           "(target: adaptive-bn >= 0.6 at < 5 % of the cost)", rows)
     save("fidelity", res)
+
+
+def _store_writer(url: str, job_id: str, n: int, out) -> None:  # type: ignore[no-untyped-def]
+    from prunepilot.agents import TrialRecord
+    from prunepilot.service.recorder import SqlTrialRecorder
+
+    rec = SqlTrialRecorder(url, job_id)
+    strategy = {f"layer{i}.conv1": 0.5 for i in range(27)}
+    metrics = {"accuracy": 0.5, "macs_ratio": 0.5, "params_ratio": 0.5, "size_ratio": 0.5, "latency_ms": None,
+               "kept": [16] * 27, "fidelity": "adaptive-bn", "wall_time_s": 1.0}
+    times = []
+    for step in range(n):
+        t0 = time.perf_counter()
+        rec.record(TrialRecord(step=step, agent="bench", strategy=strategy, metrics=metrics))
+        times.append(time.perf_counter() - t0)
+    out.put(times)
+
+
+def bench_store(n: int = 300) -> None:
+    """Cost of recording one trial (insert + job progress/best update), SQLite and PostgreSQL."""
+    import multiprocessing as mp
+    import tempfile
+
+    from prunepilot.service.db import repo
+    from prunepilot.service.db.engine import dispose_engines, session_scope
+    from prunepilot.service.db.migrate import upgrade
+    from prunepilot.service.pgserver import postgres_server
+
+    blob = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    eval_s = blob.get("throughput", {}).get("resnet20", {}).get("evaluator_s_per_eval", 1.0)
+    res: dict[str, Any] = {"reference_eval_s": eval_s}
+    rows = []
+
+    def run(kind: str, url: str) -> None:
+        upgrade(url)
+        with session_scope(url) as s:
+            for w in range(3):
+                repo.create_job(s, job_id=f"bench{w}", agent="bench", arch="resnet56", dataset="x", problem={}, problem_key="k")
+        dispose_engines()  # no pooled connection may cross into the writer processes
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        single = ctx.Process(target=_store_writer, args=(url, "bench0", n, q))
+        single.start()
+        one = q.get()
+        single.join()
+        procs = [ctx.Process(target=_store_writer, args=(url, f"bench{w}", n, q)) for w in (1, 2)]
+        for p in procs:
+            p.start()
+        both = [q.get() for _ in procs]
+        for p in procs:
+            p.join()
+        # throughput from the writers' own write times (process start-up, i.e. importing torch, excluded)
+        busy = max(sum(ts) for ts in both)
+        ms = sorted(t * 1000 for t in one)
+        res[kind] = {"p50_ms": statistics.median(ms), "p99_ms": ms[int(0.99 * (len(ms) - 1))], "mean_ms": statistics.fmean(ms),
+                     "two_writers_trials_per_s": 2 * n / busy, "share_of_eval": statistics.fmean(ms) / 1000 / eval_s,
+                     "two_writers_p99_ms": sorted(t * 1000 for ts in both for t in ts)[int(0.99 * (2 * n - 1))]}
+        rows.append((kind, f"p50 {res[kind]['p50_ms']:.2f} ms, p99 {res[kind]['p99_ms']:.2f} ms, "
+                           f"{res[kind]['share_of_eval']:.3%} of a {eval_s:.2f} s evaluation; "
+                           f"2 writer processes: {res[kind]['two_writers_trials_per_s']:.0f} trials/s, "
+                           f"p99 {res[kind]['two_writers_p99_ms']:.1f} ms"))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run("sqlite", f"sqlite:///{tmp}/bench.db")
+    with postgres_server() as url:
+        run("postgres", url)
+        dispose_engines()
+    table("recording a trial (target < 1 % of an evaluation)", rows)
+    save("store", res)
 
 
 def main() -> None:

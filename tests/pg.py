@@ -1,30 +1,17 @@
-"""A real PostgreSQL server for tests, started from Debian's binaries in a temporary directory."""
+"""PostgreSQL for tests: the project's own throwaway server, or a clear skip/failure when absent."""
 
 from __future__ import annotations
 
-import glob
 import os
-import pwd
-import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
 
+from prunepilot.service.pgserver import PostgresUnavailable, create_database
+from prunepilot.service.pgserver import postgres_server as _server
 
-def _bindir() -> str | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    return os.path.dirname(found[-1]) if found else None
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["create_database", "postgres_server", "require_or_skip"]
 
 
 def require_or_skip(what: str, hint: str) -> None:
@@ -35,41 +22,12 @@ def require_or_skip(what: str, hint: str) -> None:
 
 @contextmanager
 def postgres_server() -> Iterator[str]:
-    """Yield a SQLAlchemy URL of a fresh server; stop and delete it afterwards."""
-    bindir = _bindir()
-    if bindir is None:
-        require_or_skip("PostgreSQL server", "apt-get install postgresql")
-    root = tempfile.mkdtemp(prefix="pp-pg-")
-    data = os.path.join(root, "data")
-    port = _free_port()
-    as_root = os.geteuid() == 0
-    prefix: list[str] = []
-    if as_root:  # initdb refuses to run as root: use the postgres system user
-        user = pwd.getpwnam("postgres")
-        os.chown(root, user.pw_uid, user.pw_gid)
-        prefix = ["runuser", "-u", "postgres", "--"]
-    log = os.path.join(root, "log")
-
-    def run(*cmd: str) -> None:
-        subprocess.run([*prefix, *cmd], check=True, capture_output=True, timeout=120)
-
-    run(f"{bindir}/initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
-    run(f"{bindir}/pg_ctl", "-D", data, "-l", log, "-w", "-t", "60", "-o",
-        f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200", "start")
     try:
-        run(f"{bindir}/createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "prunepilot")
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/prunepilot"
+        cm = _server()
+        url = cm.__enter__()
+    except PostgresUnavailable as exc:
+        require_or_skip("PostgreSQL server", str(exc))
+    try:
+        yield url
     finally:
-        subprocess.run([*prefix, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60)
-        time.sleep(0.2)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def create_database(base_url: str, name: str) -> str:
-    """A new empty database on the same server (each test gets its own)."""
-    import psycopg
-
-    dsn = base_url.replace("postgresql+psycopg://", "postgresql://")
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return base_url.rsplit("/", 1)[0] + f"/{name}"
+        cm.__exit__(None, None, None)
