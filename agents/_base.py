@@ -21,6 +21,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from prunepilot.compression import Evaluator, Fidelity, Metrics, PrunePilotError, Strategy
+from prunepilot.compression.budget import BudgetChecker
 from prunepilot.compression.strategy import from_vector, to_vector
 
 log = logging.getLogger("prunepilot.agents")
@@ -114,16 +115,10 @@ class SearchContext:
         options: Mapping[str, Any] | None = None,
         on_trial: Callable[[TrialRecord], None] | None = None,
     ) -> None:
-        if not limits:
-            raise PrunePilotError("a search needs at least one budget constraint")
+        self.budget = BudgetChecker(evaluator, limits)
         self.evaluator = evaluator
         self.pruner = evaluator.pruner
-        self.limits = dict(limits)
-        missing = [r for r in self.limits if r not in ("flops", "params", "size", "latency")]
-        if missing:
-            raise PrunePilotError(f"unknown budget resource(s): {', '.join(missing)}")
-        if "latency" in self.limits and evaluator.latency_model is None:
-            raise PrunePilotError("a latency budget needs a latency model (build the lookup table first)")
+        self.limits = self.budget.limits
         self.search = search
         self.recorder = recorder or MemoryRecorder()
         self.seed = seed
@@ -142,73 +137,19 @@ class SearchContext:
         self.layer_names = self.pruner.layer_names
         self.max_ratios = self.pruner.max_ratios()
 
-    # ------------------------------------------------------------------ budget
+    # ------------------------------------------------------------------ budget (see compression.budget)
 
     def resources(self, ratios: np.ndarray) -> dict[str, float]:
-        return self.evaluator.resources(self.pruner.kept_from_vector(ratios))
+        return self.budget.resources(ratios)
 
     def feasible(self, ratios: np.ndarray) -> bool:
-        res = self.resources(ratios)
-        return all(res[r] <= lim * (1 + 1e-9) for r, lim in self.limits.items())
+        return self.budget.feasible(ratios)
 
-    def slack(self, ratios: np.ndarray) -> float:
-        """Largest relative overshoot over the limits (<= 0 when within budget)."""
-        res = self.resources(ratios)
-        return max(res[r] / lim - 1.0 for r, lim in self.limits.items())
-
-    def project(self, shape: np.ndarray, iters: int = 30, fill: bool = True) -> np.ndarray | None:
-        """Least pruning along ``clip(t * shape)`` that meets the budget (bisection on t).
-
-        Resources fall monotonically as t grows, so the smallest feasible t keeps the most
-        capacity; ``fill`` then hands back channels lost to rounding. Returns None if even the
-        maximal ratios along this shape miss the budget.
-        """
-        shape = np.maximum(np.asarray(shape, dtype=np.float64), 0.0)
-        if not shape.any():
-            shape = np.ones_like(shape)
-        top = float(np.max(self.max_ratios / np.maximum(shape, 1e-12)))
-
-        def at(t: float) -> np.ndarray:
-            return np.minimum(t * shape, self.max_ratios)
-
-        if not self.feasible(at(top)):
-            return None
-        if self.feasible(at(0.0)):
-            return at(0.0)
-        lo, hi = 0.0, top
-        for _ in range(iters):
-            mid = (lo + hi) / 2
-            lo, hi = (lo, mid) if self.feasible(at(mid)) else (mid, hi)
-        return self.fill(at(hi)) if fill else at(hi)
+    def project(self, shape: np.ndarray, fill: bool = True) -> np.ndarray | None:
+        return self.budget.project(shape, fill=fill)
 
     def fill(self, ratios: np.ndarray) -> np.ndarray:
-        """Give back channels while the budget allows, most-pruned layers first.
-
-        Channel counts are integers, so a ratio profile scaled onto the budget usually stops short
-        of it; this spends the rest, one channel (or rounding step) at a time.
-        """
-        channels = self.pruner.graph.channels
-        ratios = np.array(ratios, dtype=np.float64)
-        kept = self.pruner.kept_from_vector(ratios)
-        exact = np.array([(c - k) / c for c, k in zip(channels, kept, strict=True)])
-        blocked = np.zeros(len(ratios), dtype=bool)
-        while not blocked.all():
-            # the layer keeping the smallest share of its channels gets the next one
-            order = np.argsort(kept / channels + blocked * 10.0, kind="stable")
-            i = int(order[0])
-            step = 1
-            trial = exact.copy()
-            while True:
-                trial[i] = max(0.0, (channels[i] - kept[i] - step) / channels[i])
-                new_kept = self.pruner.kept_from_vector(trial)
-                if new_kept[i] > kept[i] or trial[i] == 0.0:
-                    break
-                step += 1
-            if new_kept[i] > kept[i] and self.feasible(trial):
-                exact, kept = trial, new_kept
-            else:
-                blocked[i] = True
-        return exact
+        return self.budget.fill(ratios)
 
     # ------------------------------------------------------------------ evaluation
 
@@ -232,7 +173,8 @@ class SearchContext:
             raise SearchCancelled("search cancelled")
 
     def evaluate(self, ratios: np.ndarray | Mapping[str, float], kind: str = "search", reward: float | None = None,
-                 extra: dict[str, Any] | None = None, count: bool = True) -> TrialRecord:
+                 extra: dict[str, Any] | None = None, count: bool = True,
+                 reward_fn: Callable[[dict[str, Any]], float] | None = None) -> TrialRecord:
         """Evaluate a strategy as the next trial, or return the recorded trial of a resumed job."""
         self.check_cancel()
         vec = to_vector(ratios, self.layer_names) if isinstance(ratios, Mapping) else np.asarray(ratios, dtype=np.float64)
@@ -248,7 +190,10 @@ class SearchContext:
         m: Metrics = self.evaluator.evaluate_vector(vec, self.fidelity)
         res = {r: m.resource(r) for r in self.limits}
         feasible = all(v is not None and v <= self.limits[r] * (1 + 1e-9) for r, v in res.items())
-        trial = TrialRecord(step=step, agent=self.agent, strategy=m.strategy, metrics=_metrics_dict(m),
+        metrics = _metrics_dict(m)
+        if reward_fn is not None:
+            reward = reward_fn(metrics)
+        trial = TrialRecord(step=step, agent=self.agent, strategy=m.strategy, metrics=metrics,
                             reward=m.accuracy if reward is None else reward, feasible=feasible, kind=kind,
                             wall_time_s=m.wall_time_s, extra=dict(extra or {}))
         self.recorder.record(trial)

@@ -1,4 +1,4 @@
-"""Agents by name. AMC and NetAdapt register here too once their modules import cleanly."""
+"""Agents by name."""
 
 from __future__ import annotations
 
@@ -7,12 +7,13 @@ from typing import Any
 from prunepilot.compression import PrunePilotError
 
 from ._base import Agent
+from .amc import AMCAgent
 from .baselines import GlobalAgent, RandomAgent, SensitivityAgent, UniformAgent
 from .optuna_agents import OptunaNSGA2Agent, OptunaTPEAgent
 
 AGENTS: dict[str, type[Agent]] = {
     cls.name: cls
-    for cls in (UniformAgent, RandomAgent, GlobalAgent, SensitivityAgent, OptunaTPEAgent, OptunaNSGA2Agent)
+    for cls in (UniformAgent, RandomAgent, GlobalAgent, SensitivityAgent, OptunaTPEAgent, OptunaNSGA2Agent, AMCAgent)
 }
 
 

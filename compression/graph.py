@@ -167,6 +167,7 @@ class PruningGraph:
             LayerInfo(**{**layer.__dict__, "group_flops": self._group_macs(layer.index)}) for layer in self.layers
         ]
         self.by_name = {layer.name: layer for layer in self.layers}
+        self._build_cost_arrays()
         self.channels = np.array([layer.c_out for layer in self.layers], dtype=np.int64)
         dense = self.cost(np.zeros(len(self.layers), dtype=np.int64))
         self.dense_macs, self.dense_params = dense.macs, dense.params
@@ -235,27 +236,45 @@ class PruningGraph:
             return c.kernel_area * c.out_hw * cout
         return c.kernel_area * c.out_hw * cout * cin / c.groups
 
+    def _build_cost_arrays(self) -> None:
+        """Vectorized form of the per-module costs: agents call :meth:`cost` thousands of times."""
+        L = len(self.layers)
+        layers = [c for c in self.costs.values() if c.kind != "bn"]
+        bns = [c for c in self.costs.values() if c.kind == "bn"]
+
+        def selectors(items: list[_ModuleCost]) -> tuple[np.ndarray, np.ndarray]:
+            out_sel = np.zeros((len(items), L))
+            in_mat = np.zeros((len(items), L))
+            for row, c in enumerate(items):
+                if c.out_group is not None:
+                    out_sel[row, c.out_group] = 1.0
+                for g, mult in c.in_groups:
+                    in_mat[row, g] += mult
+            return out_sel, in_mat
+
+        self._out_sel, self._in_mat = selectors(layers)
+        self._cout = np.array([c.c_out for c in layers], dtype=np.float64)
+        self._cin = np.array([c.c_in for c in layers], dtype=np.float64)
+        self._coef = np.array([c.kernel_area * c.out_hw for c in layers], dtype=np.float64)
+        self._kernel = np.array([max(c.kernel_area, 1) for c in layers], dtype=np.float64)
+        self._groups = np.array([c.groups for c in layers], dtype=np.float64)
+        self._dw = np.array([c.depthwise for c in layers])
+        self._bias = np.array([c.bias for c in layers], dtype=np.float64)
+        self._bn_sel, self._bn_in = selectors(bns)
+        self._bn_c = np.array([c.c_in for c in bns], dtype=np.float64)
+        self._bn_affine = np.array([c.bias for c in bns], dtype=np.float64)
+
     def cost(self, pruned: np.ndarray) -> Cost:
         """MACs, parameters and BN buffers when ``pruned[i]`` channels are removed from layer i."""
-        macs = 0.0
-        params = 0.0
-        buffers = 0.0
-        for c in self.costs.values():
-            cout = c.c_out - (pruned[c.out_group] if c.out_group is not None else 0)
-            cin = c.c_in - sum(pruned[g] * mult for g, mult in c.in_groups)
-            if c.kind == "bn":
-                if c.out_group is not None:
-                    cin = cout
-                else:
-                    cout = cin
-                params += 2 * cout if c.bias else 0
-                buffers += 2 * cout
-                continue
-            if c.depthwise:
-                cin = cout
-            macs += self._macs(c, cin, cout)
-            weight = cout * (1 if c.depthwise else cin / c.groups) * max(c.kernel_area, 1)
-            params += weight + (cout if c.bias else 0)
+        p = np.asarray(pruned, dtype=np.float64)
+        cout = self._cout - self._out_sel @ p
+        cin = np.where(self._dw, cout, self._cin - self._in_mat @ p)
+        per_out = np.where(self._dw, 1.0, cin / self._groups)  # input channels each output channel sees
+        macs = float(np.sum(self._coef * cout * per_out))
+        params = float(np.sum(cout * per_out * self._kernel + self._bias * cout))
+        bn_c = self._bn_c - self._bn_sel @ p - self._bn_in @ p
+        params += float(np.sum(2.0 * self._bn_affine * bn_c))
+        buffers = float(np.sum(2.0 * bn_c))
         return Cost(int(round(macs)), int(round(params)), int(round(buffers)))
 
     # ------------------------------------------------------------------ pruning

@@ -71,10 +71,7 @@ class Pruner:
 
     def kept_from_vector(self, ratios: np.ndarray) -> np.ndarray:
         """Like :meth:`kept_channels` for a ratio vector, without name validation (agents' hot path)."""
-        return np.array(
-            [self.constraints.kept(int(c), float(r), i) for i, (c, r) in enumerate(zip(self.graph.channels, ratios, strict=True))],
-            dtype=np.int64,
-        )
+        return self.constraints.kept_vector(self.graph.channels, ratios)
 
     def cost_of_kept(self, kept: np.ndarray) -> Cost:
         return self.graph.cost(self.graph.channels - kept)

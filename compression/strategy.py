@@ -48,6 +48,18 @@ class PruningConstraints:
     def max_ratios(self, n_layers: int) -> np.ndarray:
         return np.array([self.layer_max(i) for i in range(n_layers)])
 
+    def kept_vector(self, channels: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+        """:meth:`kept` for every layer at once (agents call this thousands of times per search)."""
+        channels = np.asarray(channels, dtype=np.int64)
+        limit = self.max_ratios(len(channels))
+        ratios = np.minimum(np.maximum(np.asarray(ratios, dtype=np.float64), 0.0), limit)
+        keep = channels - np.floor(ratios * channels + 1e-9).astype(np.int64)
+        if self.round_to and self.round_to > 1:
+            rounded = np.maximum(self.round_to, np.round(keep / self.round_to).astype(np.int64) * self.round_to)
+            keep = np.where(channels > self.round_to, rounded, keep)
+        lowest = np.maximum(self.min_channels, np.ceil((1.0 - limit) * channels - 1e-9).astype(np.int64))
+        return np.minimum(channels, np.maximum(np.maximum(keep, lowest), 1))
+
     def kept(self, channels: int, ratio: float, index: int) -> int:
         """Channels kept when ``ratio`` of ``channels`` is removed from layer ``index``."""
         ratio = min(max(ratio, 0.0), self.layer_max(index))

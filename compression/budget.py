@@ -1,0 +1,118 @@
+"""Budget arithmetic on ratio vectors, shared by agents and the RL environment.
+
+Every resource (MACs, params, size, and latency when a latency model exists) falls monotonically
+as any layer's ratio grows, which makes three cheap operations exact: a feasibility check, the
+least pruning along a ratio profile that meets the budget (bisection), and AMC's action bound (the
+smallest ratio for one layer that keeps the budget reachable if all later layers go to their
+maximum).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from .errors import BudgetError
+
+RESOURCE_NAMES = ("flops", "params", "size", "latency")
+
+
+class BudgetChecker:
+    def __init__(self, evaluator, limits: Mapping[str, float]) -> None:  # type: ignore[no-untyped-def]
+        unknown = [r for r in limits if r not in RESOURCE_NAMES]
+        if unknown:
+            raise BudgetError(f"unknown budget resource(s): {', '.join(unknown)}")
+        if not limits:
+            raise BudgetError("a budget needs at least one constraint")
+        if "latency" in limits and getattr(evaluator, "latency_model", None) is None:
+            raise BudgetError("a latency budget needs a latency model (build the lookup table first)")
+        self.evaluator = evaluator
+        self.pruner = evaluator.pruner
+        self.limits = dict(limits)
+        self.max_ratios = self.pruner.max_ratios()
+        self.channels = self.pruner.graph.channels
+
+    def resources(self, ratios: np.ndarray) -> dict[str, float]:
+        return self.evaluator.resources(self.pruner.kept_from_vector(ratios))
+
+    def feasible(self, ratios: np.ndarray) -> bool:
+        res = self.resources(ratios)
+        return all(res[r] <= lim * (1 + 1e-9) for r, lim in self.limits.items())
+
+    def slack(self, ratios: np.ndarray) -> float:
+        """Largest relative overshoot over the limits (<= 0 when within budget)."""
+        res = self.resources(ratios)
+        return max(res[r] / lim - 1.0 for r, lim in self.limits.items())
+
+    def reachable(self) -> bool:
+        return self.feasible(self.max_ratios)
+
+    def project(self, shape: np.ndarray, iters: int = 30, fill: bool = True) -> np.ndarray | None:
+        """Least pruning along ``clip(t * shape)`` that meets the budget (bisection on t).
+
+        Resources fall monotonically as t grows, so the smallest feasible t keeps the most
+        capacity; ``fill`` then hands back channels lost to rounding. Returns None if even the
+        maximal ratios along this shape miss the budget.
+        """
+        shape = np.maximum(np.asarray(shape, dtype=np.float64), 0.0)
+        if not shape.any():
+            shape = np.ones_like(shape)
+        top = float(np.max(self.max_ratios / np.maximum(shape, 1e-12)))
+
+        def at(t: float) -> np.ndarray:
+            return np.minimum(t * shape, self.max_ratios)
+
+        if not self.feasible(at(top)):
+            return None
+        if self.feasible(at(0.0)):
+            return at(0.0)
+        lo, hi = 0.0, top
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            lo, hi = (lo, mid) if self.feasible(at(mid)) else (mid, hi)
+        return self.fill(at(hi)) if fill else at(hi)
+
+    def fill(self, ratios: np.ndarray) -> np.ndarray:
+        """Give back channels while the budget allows, most-pruned layers first.
+
+        Channel counts are integers, so a ratio profile scaled onto the budget usually stops short
+        of it; this spends the rest, one channel (or rounding step) at a time.
+        """
+        channels = self.channels
+        kept = self.pruner.kept_from_vector(np.asarray(ratios, dtype=np.float64))
+        exact = (channels - kept) / channels
+        blocked = np.zeros(len(kept), dtype=bool)
+        while not blocked.all():
+            # the layer keeping the smallest share of its channels gets the next one
+            i = int(np.argmin(kept / channels + blocked * 10.0))
+            trial = exact.copy()
+            new_kept = kept
+            for step in range(1, int(channels[i] - kept[i]) + 1):
+                trial[i] = (channels[i] - kept[i] - step) / channels[i]
+                new_kept = self.pruner.kept_from_vector(trial)
+                if new_kept[i] > kept[i]:
+                    break
+            if new_kept[i] > kept[i] and self.feasible(trial):
+                exact, kept = trial, new_kept
+            else:
+                blocked[i] = True
+        return exact
+
+    def min_ratio(self, ratios: np.ndarray, index: int, iters: int = 14) -> float:
+        """AMC's action bound: the least ratio for layer ``index`` such that, with the layers before
+        it as given and every later layer at its maximum, the budget is still met."""
+        probe = np.array(ratios, dtype=np.float64)
+        probe[index + 1:] = self.max_ratios[index + 1:]
+        probe[index] = 0.0
+        if self.feasible(probe):
+            return 0.0
+        lo, hi = 0.0, float(self.max_ratios[index])
+        probe[index] = hi
+        if not self.feasible(probe):
+            return hi  # cannot be met any more; prune as hard as allowed
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            probe[index] = mid
+            lo, hi = (lo, mid) if self.feasible(probe) else (mid, hi)
+        return hi
