@@ -14,11 +14,12 @@ from ._base import (
 )
 from .amc import AMCAgent
 from .baselines import GlobalAgent, RandomAgent, SensitivityAgent, UniformAgent, solve_uniform
+from .netadapt import NetAdaptAgent
 from .optuna_agents import OptunaNSGA2Agent, OptunaTPEAgent
 from .registry import AGENTS, agent_names, create_agent, describe_agents
 
 __all__ = [
-    "AGENTS", "AMCAgent", "Agent", "GlobalAgent", "MemoryRecorder", "OptunaNSGA2Agent", "OptunaTPEAgent", "RandomAgent",
+    "AGENTS", "AMCAgent", "Agent", "GlobalAgent", "MemoryRecorder", "NetAdaptAgent", "OptunaNSGA2Agent", "OptunaTPEAgent", "RandomAgent",
     "SearchCancelled", "SearchContext", "SearchLimits", "SearchResult", "SensitivityAgent", "TrialRecord", "TrialRecorder",
     "UniformAgent", "agent_names", "create_agent", "describe_agents", "solve_uniform",
 ]

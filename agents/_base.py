@@ -97,6 +97,9 @@ class SearchResult:
     seconds: float
     pareto: list[TrialRecord] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # The network the agent ends with when it trained one (NetAdapt): the final fine-tune starts
+    # from it instead of re-pruning the dense model.
+    model: Any = None
 
 
 class SearchContext:
@@ -153,10 +156,21 @@ class SearchContext:
 
     # ------------------------------------------------------------------ evaluation
 
+    def map(self, fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> list[Any]:
+        """``[fn(shared, item) for item in items]``; the service swaps in a parallel (Ray) version
+        through ``options["map"]``, with ``shared`` placed once in the object store."""
+        mapper = self.options.get("map")
+        if mapper is not None:
+            return list(mapper(fn, shared, items))
+        return [fn(shared, item) for item in items]
+
     def remaining(self) -> int | None:
         if self.search.max_evaluations is None:
             return None
         return self.search.max_evaluations - self.step
+
+    def is_recorded(self, step: int) -> bool:
+        return step in self._done
 
     def fast_forward(self) -> None:
         """Continue after the recorded trials (for agents whose own state remembers them)."""
@@ -174,7 +188,8 @@ class SearchContext:
 
     def evaluate(self, ratios: np.ndarray | Mapping[str, float], kind: str = "search", reward: float | None = None,
                  extra: dict[str, Any] | None = None, count: bool = True,
-                 reward_fn: Callable[[dict[str, Any]], float] | None = None) -> TrialRecord:
+                 reward_fn: Callable[[dict[str, Any]], float] | None = None,
+                 evaluate_fn: Callable[[np.ndarray], Metrics] | None = None) -> TrialRecord:
         """Evaluate a strategy as the next trial, or return the recorded trial of a resumed job."""
         self.check_cancel()
         vec = to_vector(ratios, self.layer_names) if isinstance(ratios, Mapping) else np.asarray(ratios, dtype=np.float64)
@@ -187,7 +202,7 @@ class SearchContext:
             if count:
                 self.step += 1
             return trial
-        m: Metrics = self.evaluator.evaluate_vector(vec, self.fidelity)
+        m: Metrics = evaluate_fn(vec) if evaluate_fn is not None else self.evaluator.evaluate_vector(vec, self.fidelity)
         res = {r: m.resource(r) for r in self.limits}
         feasible = all(v is not None and v <= self.limits[r] * (1 + 1e-9) for r, v in res.items())
         metrics = _metrics_dict(m)

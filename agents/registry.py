@@ -9,11 +9,12 @@ from prunepilot.compression import PrunePilotError
 from ._base import Agent
 from .amc import AMCAgent
 from .baselines import GlobalAgent, RandomAgent, SensitivityAgent, UniformAgent
+from .netadapt import NetAdaptAgent
 from .optuna_agents import OptunaNSGA2Agent, OptunaTPEAgent
 
 AGENTS: dict[str, type[Agent]] = {
     cls.name: cls
-    for cls in (UniformAgent, RandomAgent, GlobalAgent, SensitivityAgent, OptunaTPEAgent, OptunaNSGA2Agent, AMCAgent)
+    for cls in (UniformAgent, RandomAgent, GlobalAgent, SensitivityAgent, OptunaTPEAgent, OptunaNSGA2Agent, AMCAgent, NetAdaptAgent)
 }
 
 

@@ -27,7 +27,7 @@ from .data import DataSplits, ImageSet, Normalizer
 from .errors import PrunePilotError
 from .finetune import FinetuneConfig, finetune
 from .measure import measure_latency, size_on_disk
-from .pruning import PrunedModel, Pruner
+from .pruning import Pruner
 from .strategy import Strategy
 
 FidelityMethod = Literal["none", "adaptive-bn", "reconstruct", "short-finetune"]
@@ -291,7 +291,8 @@ class Evaluator:
         self._data: dict[tuple[int | None, int], EvalData] = {}
         self._cache: OrderedDict[tuple[object, ...], Metrics] = OrderedDict()
         self._cache_size = cache_size
-        self.dense_model = pruner.model.to(memory_format=torch.channels_last)
+        # a channels-last copy for fast forward passes; the pruner's model stays as the user gave it
+        self.dense_model = copy.deepcopy(pruner.model).to(memory_format=torch.channels_last)
         self.dense_size = size_on_disk(self.dense_model)
         self.dense_buffers = sum(b.numel() for b in self.dense_model.buffers() if b.dtype.is_floating_point)
         self._dense_latency_ms: float | None = None
@@ -357,7 +358,7 @@ class Evaluator:
         data = self.data(fidelity)
         self._apply_fidelity(model, fidelity, data, timer)
         acc = accuracy(model, data.val_x, data.val_y, fidelity.batch_size, timer)
-        metrics = self._metrics(pruned, acc, fidelity, kept)
+        metrics = self.metrics_for(pruned.model, kept, acc, fidelity.tag)
         metrics.prune_time_s = prune_s
         metrics.forward_time_s = timer.seconds
         metrics.wall_time_s = time.perf_counter() - start
@@ -381,17 +382,22 @@ class Evaluator:
             result = finetune(model, data.train, data.normalizer, cfg)
             timer.seconds += result.forward_seconds
 
-    def _metrics(self, pruned: PrunedModel, acc: float, fidelity: Fidelity, kept: np.ndarray) -> Metrics:
+    def metrics_for(self, model: nn.Module, kept: np.ndarray, acc: float, fidelity_tag: str) -> Metrics:
+        """Metrics of a pruned model with ``kept`` channels (w.r.t. the dense model) and a measured accuracy.
+
+        Public so agents that train their own candidates (NetAdapt) report in the same currency.
+        """
         g = self.pruner.graph
+        kept = np.asarray(kept)
         cost = self.pruner.cost_of_kept(kept)
-        size = size_on_disk(pruned.model)
+        size = size_on_disk(model)
         latency = latency_ratio = source = None
         if self.latency_mode == "predict" and self.latency_model is not None:
             latency, source = self.latency_model.predict(kept), "predicted"
             latency_ratio = latency / self.latency_model.dense_ms
         elif self.latency_mode == "measure":
             # Dense and pruned in one interleaved run: their ratio is robust to machine noise.
-            dense, mine = measure_latency([self.dense_model, pruned.model], self.pruner.input_size, self.latency_batch)
+            dense, mine = measure_latency([self.dense_model, model], self.pruner.input_size, self.latency_batch)
             latency, source = mine.median_ms, "measured"
             latency_ratio = mine.median_ms / dense.median_ms
         return Metrics(
@@ -399,7 +405,7 @@ class Evaluator:
             macs_ratio=cost.macs / g.dense_macs, params_ratio=cost.params / g.dense_params,
             size_ratio=size / self.dense_size, latency_ms=latency,
             latency_ratio=latency_ratio,
-            latency_source=source, strategy=pruned.strategy, kept=pruned.kept, fidelity=fidelity.tag,
+            latency_source=source, strategy=self.pruner.effective(kept), kept=[int(k) for k in kept], fidelity=fidelity_tag,
             wall_time_s=0.0, forward_time_s=0.0, prune_time_s=0.0,
         )
 

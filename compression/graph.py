@@ -120,6 +120,7 @@ class PruningGraph:
             for h in handles:
                 h.remove()
         self.forward_order = order
+        self.shapes = shapes  # module -> (input shape, output shape) at batch 1
         self.costs: dict[str, _ModuleCost] = {}
         for name in order:
             m = model.get_submodule(name)

@@ -8,6 +8,7 @@ budget is the same as a MACs ratio.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from collections.abc import Iterator, Sequence
@@ -104,14 +105,17 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 30,
     min_time_s: float = 0.0,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> list[Latency]:
     """Latency of several models, measured interleaved in one run so machine noise hits all alike.
 
     Each round runs every model once (in rotating order); the figure is the median over rounds
-    after ``warmup`` rounds. Compare models only within one call, never across calls.
+    after ``warmup`` rounds. Compare models only within one call, never across calls. Models are
+    measured as copies in one memory format (default: PyTorch's contiguous layout, what a user
+    deploys), whatever layout the caller keeps them in for evaluation.
     """
-    x = torch.randn(batch_size, 3, input_size, input_size)
-    models = [m.eval() for m in models]
+    x = torch.randn(batch_size, 3, input_size, input_size).contiguous(memory_format=memory_format)
+    models = [copy.deepcopy(m).eval().to(memory_format=memory_format) for m in models]
     times: list[list[float]] = [[] for _ in models]
     with torch_threads(threads), torch.inference_mode():
         for _ in range(warmup):

@@ -89,7 +89,7 @@ class Pruner:
                 order = np.argsort(-self.scores[i], kind="stable")
                 keep[i] = np.sort(order[: int(k)])
         pruned = self.graph.prune(self.model, keep)
-        spec = spec_of(pruned, self.model, self.arch, self.num_classes, self.input_size)
+        spec = spec_of(pruned, self.arch, self.num_classes, self.input_size)
         return PrunedModel(pruned.eval(), spec, self.effective(kept), [int(k) for k in kept])
 
     def prune(self, strategy: Mapping[str, float]) -> PrunedModel:

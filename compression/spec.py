@@ -8,6 +8,7 @@ and loads the weights strictly, so a pruned model travels as JSON plus a safeten
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -51,13 +52,19 @@ def _widths(m: nn.Module) -> dict[str, int] | None:
     return None
 
 
-def spec_of(pruned: nn.Module, dense: nn.Module, arch: str, num_classes: int, input_size: int) -> ArchSpec:
-    """The spec of ``pruned``, a pruned copy of ``dense`` (the zoo architecture ``arch``)."""
+@lru_cache(maxsize=32)
+def arch_widths(arch: str, num_classes: int) -> dict[str, dict[str, int]]:
+    """Layer widths of the unpruned zoo architecture (what specs are relative to)."""
+    return {name: w for name, m in build_model(arch, num_classes).named_modules() if (w := _widths(m)) is not None}
+
+
+def spec_of(pruned: nn.Module, arch: str, num_classes: int, input_size: int) -> ArchSpec:
+    """The spec of ``pruned``, a (possibly repeatedly) pruned instance of the zoo architecture ``arch``."""
     layers: dict[str, dict[str, int]] = {}
-    dense_modules = dict(dense.named_modules())
+    reference = arch_widths(arch, num_classes)
     for name, m in pruned.named_modules():
         w = _widths(m)
-        if w is not None and w != _widths(dense_modules[name]):
+        if w is not None and w != reference.get(name):
             layers[name] = w
     return ArchSpec(arch, num_classes, input_size, layers)
 

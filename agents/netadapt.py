@@ -1,0 +1,225 @@
+"""NetAdapt (Yang et al., ECCV 2018): progressive, platform-aware pruning.
+
+Each iteration asks for a resource reduction that shrinks as the search goes (``initial_reduction``
+of the dense model's resource, times ``decay`` per iteration; reference defaults 0.025 and 0.96).
+For every prunable layer one proposal removes just enough filters from that layer alone to meet
+the iteration's target, found through the latency lookup table (or the analytic FLOPs / params /
+size model), choosing the filters with the smallest L2 norm in the *current* network. Each
+proposal is fine-tuned briefly (``short_steps`` SGD steps) and scored on the validation split;
+the best one becomes the current network, fine-tuned weights included. The loop stops when the
+budget is met; the long fine-tune happens in the job's final phase.
+
+Proposals of one iteration are independent, so they go through ``ctx.map`` (Ray in the service).
+After every iteration the current network and the iteration number are saved, so a restarted job
+resumes from its last completed iteration; proposals already recorded are not evaluated again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from prunepilot.compression import FinetuneConfig, Metrics, PrunePilotError, Pruner, PruningConstraints, finetune
+from prunepilot.compression.evaluate import EvalData, accuracy, recalibrate_batchnorm
+from prunepilot.compression.spec import ArchSpec, build_from_spec
+
+from ._base import Agent, SearchContext, SearchResult
+
+log = logging.getLogger("prunepilot.agents.netadapt")
+STATE_FILE = "netadapt_state.json"
+MODEL_FILE = "netadapt_model.safetensors"
+
+
+@dataclass
+class _Shared:
+    """What every proposal of an iteration reads (placed once in the object store by the service)."""
+
+    spec: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    current_kept: list[int]
+    data: EvalData
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+
+
+@dataclass
+class _Proposal:
+    layer: int
+    kept: list[int]  # w.r.t. the dense model
+
+
+def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, torch.Tensor], dict[str, Any], float]:
+    """Prune the current network's layer, adapt BN, fine-tune briefly, score. Top-level for Ray."""
+    t0 = time.perf_counter()
+    model = build_from_spec(ArchSpec.from_dict(shared.spec), shared.weights)
+    pruner = Pruner(model, shared.spec["arch"], int(shared.spec["num_classes"]), int(shared.spec["input_size"]),
+                    PruningConstraints(max_ratio=0.999, first_layer_max_ratio=0.999), criterion="l2")
+    if len(pruner.layers) != len(shared.current_kept):
+        raise PrunePilotError("the current network lost a prunable layer; raise the minimum channels per layer")
+    kept_here = np.array(shared.current_kept)
+    kept_here[prop.layer] = prop.kept[prop.layer]
+    pruned = pruner.prune_kept(kept_here)
+    net = pruned.model.to(memory_format=torch.channels_last)
+    recalibrate_batchnorm(net, shared.data.calib_x)
+    cfg = FinetuneConfig(steps=shared.steps, lr=shared.lr, batch_size=shared.batch_size, warmup_fraction=0.1, seed=shared.seed)
+    finetune(net, shared.data.train, shared.data.normalizer, cfg)
+    acc = accuracy(net, shared.data.val_x, shared.data.val_y)
+    weights = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    return acc, weights, pruned.spec.to_dict(), time.perf_counter() - t0
+
+
+class NetAdaptAgent(Agent):
+    name = "netadapt"
+    description = "NetAdapt: iterative per-layer proposals from a latency lookup table, short fine-tune each, keep the best"
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        opts = self.options
+        self.initial = float(opts.get("initial_reduction", 0.025))
+        self.decay = float(opts.get("decay", 0.96))
+        steps = int(opts.get("short_steps", 20))
+        lr = float(opts.get("lr", 0.01))
+        batch = int(opts.get("batch_size", 64))
+        fidelity = ctx.fidelity or ctx.evaluator.fidelity
+        data = ctx.evaluator.data(fidelity)
+        pruner = ctx.pruner
+        dense_channels = pruner.graph.channels
+        min_kept = pruner.kept_from_vector(ctx.max_ratios)
+        state = self._restore(ctx)
+        if state is None:
+            iteration, kept = 0, dense_channels.copy()
+            model = copy.deepcopy(pruner.model)
+            spec = ArchSpec(pruner.arch, pruner.num_classes, pruner.input_size)
+        else:
+            iteration, kept, model, spec = state
+        started = time.perf_counter()
+        history = []
+        while not self._within(ctx, kept):
+            ctx.check_cancel()
+            if ctx.exhausted():
+                break
+            resource, target = self._target(ctx, kept, iteration)
+            props = self._proposals(ctx, kept, min_kept, resource, target)
+            if not props:
+                # No single layer reaches the step: take the deepest cut any one layer can make.
+                target = self._reachable(ctx, kept, min_kept, resource)
+                props = self._proposals(ctx, kept, min_kept, resource, target) if target is not None else []
+            if not props:
+                raise PrunePilotError("NetAdapt cannot reduce the resource further within the layer limits")
+            first = ctx.step
+            todo = [j for j in range(len(props)) if not ctx.is_recorded(first + j)]
+            shared = _Shared(spec.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()},
+                             [int(k) for k in kept], data, steps, lr, batch, ctx.seed + iteration)
+            outputs = dict(zip(todo, ctx.map(run_proposal, shared, [props[j] for j in todo]), strict=True))
+            trials = []
+            for j, prop in enumerate(props):
+                out = outputs.get(j)
+
+                def metrics_of(_vec: np.ndarray, out=out, prop=prop) -> Metrics:
+                    acc, weights, new_spec, secs = out
+                    net = build_from_spec(ArchSpec.from_dict(new_spec), weights)
+                    m = ctx.evaluator.metrics_for(net, np.array(prop.kept), acc, f"netadapt/short-ft={steps}")
+                    m.wall_time_s = secs
+                    return m
+
+                ratios = 1.0 - np.array(prop.kept) / dense_channels
+                trials.append(ctx.evaluate(ratios, kind="proposal", evaluate_fn=metrics_of,
+                                           extra={"iteration": iteration, "layer": ctx.layer_names[prop.layer],
+                                                  "resource": resource, "target": target}))
+            best_j = max(range(len(props)), key=lambda j: trials[j].accuracy)
+            if best_j not in outputs:  # recorded before a restart: re-derive its fine-tuned weights
+                outputs[best_j] = run_proposal(shared, props[best_j])
+            acc, weights, new_spec, _ = outputs[best_j]
+            spec = ArchSpec.from_dict(new_spec)
+            model = build_from_spec(spec, weights)
+            kept = np.array(props[best_j].kept)
+            history.append({"iteration": iteration, "layer": ctx.layer_names[props[best_j].layer], "accuracy": acc,
+                            resource: ctx.resources(1.0 - kept / dense_channels)[resource]})
+            iteration += 1
+            self._save(ctx, iteration, kept, model, spec)
+        if ctx.best is None:
+            raise PrunePilotError("NetAdapt stopped before reaching the budget; raise the evaluation or time limit")
+        result = ctx.result(iterations=iteration, history=history, seconds=time.perf_counter() - started,
+                            final_within_budget=self._within(ctx, kept))
+        if ctx.best is not None and list(ctx.best.metrics.get("kept", [])) == [int(k) for k in kept]:
+            result.model = model  # the adapted network itself, short fine-tunes included
+        return result
+
+    # ------------------------------------------------------------------ pieces
+
+    def _within(self, ctx: SearchContext, kept: np.ndarray) -> bool:
+        res = ctx.evaluator.resources(kept)
+        return all(res[r] <= lim * (1 + 1e-9) for r, lim in ctx.limits.items())
+
+    def _target(self, ctx: SearchContext, kept: np.ndarray, iteration: int) -> tuple[str, float]:
+        """The most-overshot resource drives this iteration; its target shrinks by a decaying step."""
+        res = ctx.evaluator.resources(kept)
+        resource = max(ctx.limits, key=lambda r: res[r] / ctx.limits[r])
+        reduction = self.initial * self.decay**iteration
+        return resource, max(ctx.limits[resource], res[resource] - reduction)
+
+    def _reachable(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str) -> float | None:
+        best = None
+        for i in range(len(kept)):
+            if kept[i] > min_kept[i]:
+                k = kept.copy()
+                k[i] = min_kept[i]
+                value = ctx.evaluator.resources(k)[resource]
+                best = value if best is None else min(best, value)
+        return best
+
+    def _proposals(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str, target: float) -> list[_Proposal]:
+        props = []
+        for i in range(len(kept)):
+            room = int(kept[i] - min_kept[i])
+            if room <= 0:
+                continue
+
+            def value(n: int, i: int = i) -> float:
+                k = kept.copy()
+                k[i] -= n
+                return ctx.evaluator.resources(k)[resource]
+
+            if value(room) > target:
+                continue  # this layer alone cannot meet the target
+            lo, hi = 0, room  # smallest n with value(n) <= target (monotone in n)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if value(mid) <= target else (mid, hi)
+            k = kept.copy()
+            k[i] -= hi
+            props.append(_Proposal(i, [int(x) for x in k]))
+        return props
+
+    def _save(self, ctx: SearchContext, iteration: int, kept: np.ndarray, model: nn.Module, spec: ArchSpec) -> None:
+        d = ctx.state_dir
+        if d is None:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / (MODEL_FILE + ".tmp")))
+        (d / (MODEL_FILE + ".tmp")).replace(d / MODEL_FILE)
+        state = {"iteration": iteration, "kept": [int(k) for k in kept], "spec": spec.to_dict(), "next_step": ctx.step}
+        (d / (STATE_FILE + ".tmp")).write_text(json.dumps(state))
+        (d / (STATE_FILE + ".tmp")).replace(d / STATE_FILE)
+
+    def _restore(self, ctx: SearchContext) -> tuple[int, np.ndarray, nn.Module, ArchSpec] | None:
+        d: Path | None = ctx.state_dir
+        if d is None or not (d / STATE_FILE).is_file():
+            return None
+        state = json.loads((d / STATE_FILE).read_text())
+        spec = ArchSpec.from_dict(state["spec"])
+        model = build_from_spec(spec, load_file(str(d / MODEL_FILE)))
+        ctx.step = int(state["next_step"])  # trials of completed iterations stay as recorded
+        log.info("NetAdapt resumed at iteration %d", state["iteration"])
+        return int(state["iteration"]), np.array(state["kept"]), model, spec

@@ -1,0 +1,80 @@
+"""Latency lookup table: build cost and prediction error against measured end-to-end latency.
+
+For each model, builds (or reuses) the table, then for 20 random strategies compares predicted
+latency with the pruned model's measured latency (median of repeats, interleaved with the dense
+model in the same run). Target: median relative error <= 5 %.
+
+    python benchmarks/latency_table.py [--models resnet20 resnet56 mobilenet_v2] [--strategies 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunepilot.compression import Pruner, build_model, load_model, measure_latency
+from prunepilot.compression.latency import FileLatencyStore, LatencyTable
+from prunepilot.service.settings import get_settings
+
+RESULTS = Path(__file__).parent / "results" / "latency_table.json"
+
+
+def model_for(arch: str):  # type: ignore[no-untyped-def]
+    weights = get_settings().shared_weights_dir / f"{arch}-cifar10.th"
+    return load_model(arch, weights) if weights.is_file() else build_model(arch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=["resnet20", "resnet56", "mobilenet_v2"])
+    parser.add_argument("--strategies", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    store = FileLatencyStore(get_settings().cache_dir / "latency_tables.json")
+    out = {}
+    for arch in args.models:
+        model = model_for(arch)
+        pruner = Pruner(model, arch, 10, 32)
+        table = LatencyTable(pruner.graph, pruner.model, store, args.batch, args.threads)
+        t0 = time.perf_counter()
+        measured_entries = table.build()
+        build_s = time.perf_counter() - t0
+        table.calibrate(repeats=100)
+        rng = np.random.default_rng(0)
+        rows = []
+        for _ in range(args.strategies):
+            ratios = rng.uniform(0.0, 0.8, len(pruner.layers))
+            kept = pruner.kept_from_vector(ratios)
+            pruned = pruner.prune_kept(kept).model
+            # three interleaved rounds, median ratio: the machine's speed drifts over minutes
+            rounds = [measure_latency([model, pruned], 32, args.batch, args.threads, warmup=5, repeats=40) for _ in range(3)]
+            dense = sorted((r[0] for r in rounds), key=lambda x: x.median_ms)[1]
+            small = sorted((r[1] for r in rounds), key=lambda x: x.median_ms)[1]
+            predicted_ratio = table.predict(kept) / table.dense_ms
+            measured_ratio = statistics.median(r[1].median_ms / r[0].median_ms for r in rounds)
+            rows.append({"predicted_ms": table.predict(kept), "measured_ms": small.median_ms, "dense_ms": dense.median_ms,
+                         "predicted_ratio": predicted_ratio, "measured_ratio": measured_ratio,
+                         "abs_ms_error": abs(table.predict(kept) - small.median_ms) / small.median_ms,
+                         "ratio_error": abs(predicted_ratio - measured_ratio) / measured_ratio})
+        ms_err = statistics.median(r["abs_ms_error"] for r in rows)
+        ratio_err = statistics.median(r["ratio_error"] for r in rows)
+        out[arch] = {"entries": len(table.values), "measured_now": measured_entries, "build_s": build_s,
+                     "dense_ms": table.dense_ms, "remainder_ms": table.remainder_ms, "median_error_ms": ms_err,
+                     "median_error_ratio": ratio_err, "max_error_ratio": max(r["ratio_error"] for r in rows), "strategies": rows}
+        print(f"{arch:14s} entries {len(table.values):5d} (measured now {measured_entries}, {build_s:5.1f} s)  dense {table.dense_ms:6.2f} ms  "
+              f"median error: absolute {ms_err:6.1%}, as ratio of dense {ratio_err:6.1%} (target <= 5 %)", flush=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"batch": args.batch, "threads": args.threads, "models": out}, indent=2))
+    print(f"written: {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

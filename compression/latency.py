@@ -1,0 +1,317 @@
+"""Per-device latency lookup tables (NetAdapt, Yang et al. ECCV 2018).
+
+Every conv (with the BN and ReLU that follow it) is measured on its own, at its input size and
+the job's batch size, for the channel counts pruning can give it: a grid over (C_in, C_out).
+Entries are keyed by a device fingerprint (CPU model, thread count, torch version) and a layer
+signature (op, C_in, C_out, H, W, kernel, stride, groups, batch), so any model or job with the
+same layer on the same machine reuses them. A strategy's latency is predicted as the sum of its
+layers' entries (bilinear between grid points) plus the dense model's measured remainder (stem,
+pooling, residual adds, classifier), which pruning leaves unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import PrunePilotError
+from .graph import PruningGraph
+from .measure import measure_latency, torch_threads
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_fingerprint(threads: int, batch_size: int) -> str:
+    return f"cpu={cpu_model()}|threads={threads}|torch={torch.__version__.split('+')[0]}|batch={batch_size}"
+
+
+def signature(op: str, c_in: int, c_out: int, h: int, w: int, kernel: int, stride: int, padding: int, groups: int,
+              batch: int) -> str:
+    return f"{op}|cin={c_in}|cout={c_out}|h={h}|w={w}|k={kernel}|s={stride}|p={padding}|g={groups}|b={batch}"
+
+
+class LatencyStore(Protocol):
+    """Where table entries live: a JSON file here, SQL rows in the service."""
+
+    def get(self, device: str) -> dict[str, float]: ...
+
+    def put(self, device: str, entries: Mapping[str, tuple[float, int]]) -> None: ...
+
+
+class FileLatencyStore:
+    """Entries in one JSON file per store: {device: {signature: [ms, repeats]}}; writes are atomic."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def _load(self) -> dict[str, dict[str, list[float]]]:
+        if not self.path.is_file():
+            return {}
+        return json.loads(self.path.read_text())
+
+    def get(self, device: str) -> dict[str, float]:
+        return {sig: float(v[0]) for sig, v in self._load().get(device, {}).items()}
+
+    def put(self, device: str, entries: Mapping[str, tuple[float, int]]) -> None:
+        blob = self._load()
+        bucket = blob.setdefault(device, {})
+        for sig, (ms, n) in entries.items():
+            bucket.setdefault(sig, [ms, n])  # the first measurement stays: tables are reused, not re-measured
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(blob))
+        os.replace(tmp, self.path)
+
+
+def channel_grid(channels: int, max_points: int = 12, step: int = 4) -> list[int]:
+    """Channel counts to measure: every ``step`` while that stays under ``max_points``, else evenly spread."""
+    if channels <= 1:
+        return [channels]
+    points = list(range(step, channels, step))
+    if len(points) + 2 > max_points:
+        points = sorted({int(round(x)) for x in np.linspace(1, channels, max_points)})
+    return sorted({1, *points, channels})
+
+
+@dataclass
+class _ConvEntry:
+    name: str
+    op: str
+    c_in: int
+    c_out: int
+    h: int
+    w: int
+    kernel: int
+    stride: int
+    padding: int
+    groups: int
+    depthwise: bool
+    cin_grid: list[int]
+    cout_grid: list[int]
+
+
+def _probe_module(e: _ConvEntry, c_in: int, c_out: int) -> nn.Module:
+    groups = c_out if e.depthwise else 1
+    c_in = c_out if e.depthwise else c_in
+    conv = nn.Conv2d(c_in, c_out, e.kernel, e.stride, padding=e.padding, groups=groups, bias=False)
+    return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)).eval()
+
+
+def _time_module(m: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            m(x)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            m(x)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1000.0
+
+
+class LatencyTable:
+    """Lookup table for one architecture on one device; predicts a pruned model's latency."""
+
+    def __init__(self, graph: PruningGraph, model: nn.Module, store: LatencyStore, batch_size: int = 1, threads: int = 2,
+                 max_points: int = 12, step: int = 4) -> None:
+        self.graph = graph
+        self.model = model
+        self.store = store
+        self.batch_size = batch_size
+        self.threads = threads
+        self.device = device_fingerprint(threads, batch_size)
+        self.entries: list[_ConvEntry] = []
+        dense_in = graph._cin.astype(int)
+        for row, (name, cost) in enumerate((n, c) for n, c in graph.costs.items() if c.kind != "bn"):
+            if cost.kind != "conv":
+                continue
+            m = model.get_submodule(name)
+            varies_out = graph._out_sel[row].any()
+            varies_in = graph._in_mat[row].any()
+            _, _, h, w = graph.shapes[name][0]
+            self.entries.append(_ConvEntry(
+                name, "conv-bn-relu", int(dense_in[row]), cost.c_out, h, w, m.kernel_size[0], m.stride[0], m.padding[0],
+                cost.groups, cost.depthwise,
+                channel_grid(cost.c_in, max_points, step) if (varies_in and not cost.depthwise) else [cost.c_in],
+                channel_grid(cost.c_out, max_points, step) if varies_out else [cost.c_out],
+            ))
+        self._rows = [i for i, (n, c) in enumerate((n, c) for n, c in graph.costs.items() if c.kind != "bn") if c.kind == "conv"]
+        self.values: dict[str, float] = {}
+        self.dense_measured_ms: float | None = None
+        self.remainder_ms = 0.0
+        self.scale = 1.0
+        self.calibration: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ building
+
+    def _sig(self, e: _ConvEntry, c_in: int, c_out: int) -> str:
+        return signature(e.op, c_in, c_out, e.h, e.w, e.kernel, e.stride, e.padding, c_out if e.depthwise else 1, self.batch_size)
+
+    def signatures(self) -> list[tuple[_ConvEntry, int, int, str]]:
+        out = []
+        for e in self.entries:
+            for cin in e.cin_grid:
+                for cout in e.cout_grid:
+                    cin_eff = cout if e.depthwise else cin
+                    out.append((e, cin_eff, cout, self._sig(e, cin_eff, cout)))
+        return out
+
+    def missing(self) -> list[tuple[_ConvEntry, int, int, str]]:
+        known = self.store.get(self.device)
+        seen: set[str] = set()
+        todo = []
+        for item in self.signatures():
+            if item[3] not in known and item[3] not in seen:
+                seen.add(item[3])
+                todo.append(item)
+        return todo
+
+    def build(self, warmup: int = 5, repeats: int = 25, progress: Callable[[int, int], None] | None = None,
+              flush_every: int = 32, should_stop: Callable[[], bool] | None = None) -> int:
+        """Measure the missing entries; saved in batches, so an interrupted build resumes where it stopped."""
+        todo = self.missing()
+        pending: dict[str, tuple[float, int]] = {}
+        done = 0
+        with torch_threads(self.threads):
+            for e, cin, cout, sig in todo:
+                if should_stop is not None and should_stop():
+                    break
+                x = torch.randn(self.batch_size, cin, e.h, e.w)
+                pending[sig] = (_time_module(_probe_module(e, cin, cout), x, warmup, repeats), repeats)
+                done += 1
+                if progress is not None:
+                    progress(done, len(todo))
+                if len(pending) >= flush_every:
+                    self.store.put(self.device, pending)
+                    pending = {}
+        if pending:
+            self.store.put(self.device, pending)
+        self.load()
+        return done
+
+    def load(self) -> None:
+        known = self.store.get(self.device)
+        sigs = self.signatures()
+        lacking = [s for *_, s in sigs if s not in known]
+        if lacking:
+            raise PrunePilotError(f"latency table incomplete on {self.device}: {len(lacking)} entries missing; build it first")
+        self.values = {s: known[s] for *_, s in sigs}
+        self._grids = []
+        for e in self.entries:
+            grid = np.array([[self.values[self._sig(e, cout if e.depthwise else cin, cout)] for cout in e.cout_grid]
+                             for cin in e.cin_grid])
+            self._grids.append((np.array(e.cin_grid, dtype=np.float64), np.array(e.cout_grid, dtype=np.float64), grid))
+
+    def calibrate(self, repeats: int = 40, probes: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 0) -> float:
+        """Fit ``latency = remainder + scale * sum(entries)`` to end-to-end measurements.
+
+        Layers timed alone run faster than inside the network (hot caches, no neighbours), so the
+        raw sum underestimates what pruning saves. The dense model and a few pruned variants
+        (uniform at ``probes`` and as many random profiles) are measured interleaved in one run and
+        the two coefficients fitted by least squares; the layer entries keep the shape, the fit
+        the scale. Returns the fitted dense latency.
+        """
+        from .strategy import PruningConstraints
+
+        limits = PruningConstraints(max_ratio=0.9, first_layer_max_ratio=0.9)
+        rng = np.random.default_rng(seed)
+        n = len(self.graph.layers)
+        vectors = [np.zeros(n)] + [np.full(n, p) for p in probes] + [rng.uniform(0.0, 0.8, n) for _ in probes]
+        kept = [limits.kept_vector(self.graph.channels, v) for v in vectors]
+        models = [self.model] + [_pruned_copy(self.graph, self.model, k) for k in kept[1:]]
+        measured = measure_latency(models, self.graph.input_size, self.batch_size, self.threads, warmup=5, repeats=repeats)
+        sums = np.array([self.layers_ms(self.graph.channels - k) for k in kept])
+        times = np.array([m.median_ms for m in measured])
+        design = np.stack([np.ones_like(sums), sums], axis=1)
+        (remainder, scale), *_ = np.linalg.lstsq(design, times, rcond=None)
+        if scale <= 0:  # degenerate fit (noise swamped the signal): fall back to the plain sum
+            remainder, scale = float(times[0] - sums[0]), 1.0
+        self.scale = float(scale)
+        self.remainder_ms = float(remainder)
+        self.dense_measured_ms = float(remainder + scale * sums[0])
+        self.calibration = {"measured_ms": times.tolist(), "layer_sums_ms": sums.tolist(), "scale": self.scale,
+                            "remainder_ms": self.remainder_ms}
+        return self.dense_measured_ms
+
+    # ------------------------------------------------------------------ prediction
+
+    def lookup(self, index: int, c_in: float, c_out: float) -> float:
+        cins, couts, grid = self._grids[index]
+        return float(_bilinear(cins, couts, grid, c_in, c_out))
+
+    def layers_ms(self, pruned: np.ndarray) -> float:
+        g = self.graph
+        p = np.asarray(pruned, dtype=np.float64)
+        cout = g._cout - g._out_sel @ p
+        cin = g._cin - g._in_mat @ p
+        total = 0.0
+        for i, row in enumerate(self._rows):
+            e = self.entries[i]
+            ci = cout[row] if e.depthwise else cin[row]
+            total += self.lookup(i, ci, cout[row])
+        return total
+
+    def predict(self, kept: np.ndarray) -> float:
+        if self.dense_measured_ms is None:
+            raise PrunePilotError("latency table not calibrated: call calibrate() after building")
+        return self.remainder_ms + self.scale * self.layers_ms(self.graph.channels - np.asarray(kept))
+
+    @property
+    def dense_ms(self) -> float:
+        if self.dense_measured_ms is None:
+            raise PrunePilotError("latency table not calibrated")
+        return self.dense_measured_ms
+
+    def summary(self) -> dict[str, object]:
+        return {"device": self.device, "entries": len(self.values), "layers": len(self.entries),
+                "dense_ms": self.dense_measured_ms, "remainder_ms": self.remainder_ms, "scale": self.scale}
+
+
+def _pruned_copy(graph: PruningGraph, model: nn.Module, kept: np.ndarray) -> nn.Module:
+    keep = {i: np.arange(int(k)) for i, k in enumerate(kept) if k < graph.channels[i]}
+    return graph.prune(model, keep)
+
+
+def _bilinear(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, x: float, y: float) -> float:
+    def locate(axis: np.ndarray, v: float) -> tuple[int, int, float]:
+        if len(axis) == 1:
+            return 0, 0, 0.0
+        if v < axis[0] - 1e-9 or v > axis[-1] + 1e-9:
+            raise PrunePilotError(f"channel count {v:g} outside the table's range [{axis[0]:g}, {axis[-1]:g}]")
+        j = int(np.clip(np.searchsorted(axis, v, side="right") - 1, 0, len(axis) - 2))
+        t = (v - axis[j]) / (axis[j + 1] - axis[j])
+        return j, j + 1, float(np.clip(t, 0.0, 1.0))
+
+    i0, i1, tx = locate(xs, x)
+    j0, j1, ty = locate(ys, y)
+    top = grid[i0, j0] * (1 - ty) + grid[i0, j1] * ty
+    bottom = grid[i1, j0] * (1 - ty) + grid[i1, j1] * ty
+    return top * (1 - tx) + bottom * tx
+
+
+def build_table(graph: PruningGraph, model: nn.Module, store: LatencyStore, batch_size: int = 1, threads: int = 2,
+                progress: Callable[[int, int], None] | None = None) -> LatencyTable:
+    """Build (measuring only what the store lacks) and calibrate a table."""
+    table = LatencyTable(graph, model, store, batch_size, threads)
+    table.build(progress=progress)
+    table.calibrate()
+    return table
