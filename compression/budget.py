@@ -9,32 +9,58 @@ maximum).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from .errors import BudgetError
+from .graph import PruningGraph
+from .strategy import PruningConstraints
 
 RESOURCE_NAMES = ("flops", "params", "size", "latency")
 
 
 class BudgetChecker:
+    """Budget checks for one model: ``resources(kept)`` gives each resource as a ratio of dense."""
+
     def __init__(self, evaluator, limits: Mapping[str, float]) -> None:  # type: ignore[no-untyped-def]
+        self._setup(evaluator.resources, evaluator.pruner.graph.channels, evaluator.pruner.constraints, limits,
+                    getattr(evaluator, "latency_model", None) is not None)
+
+    @classmethod
+    def analytic(cls, graph: PruningGraph, constraints: PruningConstraints, limits: Mapping[str, float]) -> BudgetChecker:
+        """FLOPs / params / size only, straight from the pruning graph (no data, no evaluator)."""
+        dense = graph.cost(np.zeros(len(graph.layers)))
+
+        def resources(kept: np.ndarray) -> dict[str, float]:
+            c = graph.cost(graph.channels - kept)
+            return {"flops": c.macs / dense.macs, "params": c.params / dense.params,
+                    "size": (c.params + c.bn_buffers) / (dense.params + dense.bn_buffers)}
+
+        checker = cls.__new__(cls)
+        checker._setup(resources, graph.channels, constraints, limits, has_latency=False)
+        return checker
+
+    def _setup(self, resources: Callable[[np.ndarray], dict[str, float]], channels: np.ndarray, constraints: PruningConstraints,
+               limits: Mapping[str, float], has_latency: bool) -> None:
         unknown = [r for r in limits if r not in RESOURCE_NAMES]
         if unknown:
             raise BudgetError(f"unknown budget resource(s): {', '.join(unknown)}")
         if not limits:
             raise BudgetError("a budget needs at least one constraint")
-        if "latency" in limits and getattr(evaluator, "latency_model", None) is None:
+        if "latency" in limits and not has_latency:
             raise BudgetError("a latency budget needs a latency model (build the lookup table first)")
-        self.evaluator = evaluator
-        self.pruner = evaluator.pruner
+        self._resources = resources
+        self.constraints = constraints
         self.limits = dict(limits)
-        self.max_ratios = self.pruner.max_ratios()
-        self.channels = self.pruner.graph.channels
+        self.channels = np.asarray(channels)
+        self.max_ratios = constraints.max_ratios(len(self.channels))
+
+    def kept(self, ratios: np.ndarray) -> np.ndarray:
+        return self.constraints.kept_vector(self.channels, ratios)
 
     def resources(self, ratios: np.ndarray) -> dict[str, float]:
-        return self.evaluator.resources(self.pruner.kept_from_vector(ratios))
+        return self._resources(self.kept(ratios))
 
     def feasible(self, ratios: np.ndarray) -> bool:
         res = self.resources(ratios)
@@ -80,7 +106,7 @@ class BudgetChecker:
         of it; this spends the rest, one channel (or rounding step) at a time.
         """
         channels = self.channels
-        kept = self.pruner.kept_from_vector(np.asarray(ratios, dtype=np.float64))
+        kept = self.kept(np.asarray(ratios, dtype=np.float64))
         exact = (channels - kept) / channels
         blocked = np.zeros(len(kept), dtype=bool)
         while not blocked.all():
@@ -90,7 +116,7 @@ class BudgetChecker:
             new_kept = kept
             for step in range(1, int(channels[i] - kept[i]) + 1):
                 trial[i] = (channels[i] - kept[i] - step) / channels[i]
-                new_kept = self.pruner.kept_from_vector(trial)
+                new_kept = self.kept(trial)
                 if new_kept[i] > kept[i]:
                     break
             if new_kept[i] > kept[i] and self.feasible(trial):

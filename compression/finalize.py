@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -92,9 +93,19 @@ def finalize(
     threads: int | None = 2,
     adaptive_bn_images: int = 1024,
     on_step: StepCallback | None = None,
+    initial_model: nn.Module | None = None,
 ) -> FinalResult:
+    """``initial_model``: the pruned network an agent already adapted (NetAdapt); fine-tuning starts
+    from it instead of re-pruning the dense weights with ``strategy``."""
     start = time.perf_counter()
-    pruned = pruner.prune(strategy)
+    if initial_model is not None:
+        from .spec import spec_of
+
+        kept = [int(initial_model.get_submodule(layer.name).out_channels) for layer in pruner.layers]
+        pruned = PrunedModel(copy.deepcopy(initial_model), spec_of(initial_model, pruner.arch, pruner.num_classes, pruner.input_size),
+                             pruner.effective(np.array(kept)), kept)
+    else:
+        pruned = pruner.prune(strategy)
     model = pruned.model.to(memory_format=torch.channels_last)
     norm = Normalizer(splits.mean, splits.std)
     calib = norm(splits.train.subset(adaptive_bn_images, seed=1).images).contiguous(memory_format=torch.channels_last)

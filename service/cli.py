@@ -190,12 +190,150 @@ def db_current() -> None:
     console.print(f"current: {current_revision(url)}  head: {head_revision(url)}")
 
 
+keys_app = typer.Typer(help="API keys (bearer tokens).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def keys_create(name: Annotated[str, typer.Option(help="who or what the key is for")] = "local") -> None:
+    """Create an API key; it is shown once and stored only as a hash."""
+    from .auth import create_key
+    from .db.migrate import ensure_current
+
+    url = get_settings().db_url
+    ensure_current(url)
+    key_id, secret = create_key(url, name)
+    console.print(f"key {key_id} ({name}): {secret}")
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    from .db import repo
+    from .db.engine import session_scope
+
+    with session_scope(get_settings().db_url) as s:
+        for k in repo.list_api_keys(s):
+            console.print(f"{k.id}\t{k.name}\t{k.prefix}...\t{'revoked' if k.revoked_at else 'active'}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: int) -> None:
+    from .db import repo
+    from .db.engine import session_scope
+
+    with session_scope(get_settings().db_url) as s:
+        if not repo.revoke_api_key(s, key_id=key_id):
+            _fail(f"no active key {key_id}")
+    console.print(f"key {key_id} revoked")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address")] = None,
+    port: Annotated[int | None, typer.Option(help="port")] = None,
+    migrate: Annotated[bool, typer.Option(help="run database migrations before serving")] = True,
+) -> None:
+    """Run the API, the dashboard and the job dispatcher (embedded Ray unless PRUNEPILOT_RAY_ADDRESS is set)."""
+    import uvicorn
+
+    from .app import create_app
+    from .db.migrate import upgrade
+
+    settings = get_settings()
+    if migrate:
+        upgrade(settings.db_url)
+    uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="warning")
+
+
+def _client(url: str | None, key: str | None):  # type: ignore[no-untyped-def]
+    import os
+
+    from .client import Client
+
+    settings = get_settings()
+    return Client(url or os.environ.get("PRUNEPILOT_URL") or f"http://{settings.host}:{settings.port}",
+                  key or os.environ.get("PRUNEPILOT_API_KEY"))
+
+
+def _progress_wait(client, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+    from tqdm import tqdm
+
+    with tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<34} {bar} {n:.0f}%") as bar:
+        def update(job: dict) -> None:  # type: ignore[type-arg]
+            phase = job["status"]
+            pct = 80 * job["progress"] + 20 * job["finetune_progress"]
+            best = f" best {job['best_accuracy']:.1%}" if job.get("best_accuracy") is not None else ""
+            bar.set_description_str(f"{phase} {job['evaluations']} evals{best}")
+            bar.n = round(pct, 1)
+            bar.refresh()
+
+        return client.wait(job_id, poll_s=1.0, on_update=update)
+
+
+@app.command()
+def submit(
+    arch: Annotated[str, typer.Option(help="architecture name")],
+    weights: Annotated[Path, typer.Option(help="state dict or safetensors")],
+    budget: Annotated[list[str], typer.Option(help="e.g. flops=0.5, latency=8ms, size=1MB (repeatable)")],
+    agent: Annotated[str, typer.Option(help="search agent")] = "optuna-tpe",
+    data: Annotated[str, typer.Option(help="cifar10-jpeg or a path to an ImageFolder zip")] = "cifar10-jpeg",
+    evaluations: Annotated[int, typer.Option(help="evaluation budget of the search")] = 60,
+    finetune_epochs: Annotated[float, typer.Option(help="final fine-tune epochs")] = 1.0,
+    name: Annotated[str | None, typer.Option(help="a label for the job")] = None,
+    wait: Annotated[bool, typer.Option(help="poll with a progress bar until the job ends")] = False,
+    url: Annotated[str | None, typer.Option(help="API base URL (or PRUNEPILOT_URL)")] = None,
+    key: Annotated[str | None, typer.Option(help="API key (or PRUNEPILOT_API_KEY)")] = None,
+) -> None:
+    """Submit a job to a running service."""
+    from prunepilot.compression import parse_constraint
+
+    constraints = [parse_constraint(b).model_dump(exclude_none=True) for b in budget]
+    spec = {"arch": arch, "agent": agent, "budget": {"constraints": constraints}, "search": {"max_evaluations": evaluations},
+            "finetune": {"epochs": finetune_epochs}, "dataset": "cifar10-jpeg" if data == "cifar10-jpeg" else "upload", "name": name}
+    with _client(url, key) as client:
+        job = client.submit(spec, weights, None if data == "cifar10-jpeg" else data)
+        console.print(f"job {job['id']} {job['status']}")
+        if wait:
+            job = _progress_wait(client, job["id"])
+            console.print(f"job {job['id']} {job['status']}" + (f": {job['error']}" if job.get("error") else ""))
+            if job["status"] != "succeeded":
+                raise typer.Exit(1)
+
+
+@app.command()
+def status(job_id: str, url: Annotated[str | None, typer.Option()] = None, key: Annotated[str | None, typer.Option()] = None) -> None:
+    """Show a job."""
+    with _client(url, key) as client:
+        console.print_json(json.dumps(client.job(job_id)))
+
+
+@app.command()
+def download(job_id: str, out: Annotated[Path, typer.Option(help="directory")],
+             format: Annotated[str, typer.Option(help="state_dict, pt2 or onnx")] = "state_dict",  # noqa: A002
+             url: Annotated[str | None, typer.Option()] = None, key: Annotated[str | None, typer.Option()] = None) -> None:
+    """Download a finished job's pruned model."""
+    with _client(url, key) as client:
+        console.print(f"saved {client.download(job_id, out, format)}")
+
+
 def main() -> None:
     try:
         app()
     except PrunePilotError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(2)
+    except Exception as exc:
+        from .client import ApiError
+
+        if isinstance(exc, ApiError):
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            sys.exit(2)
+        import httpx
+
+        if isinstance(exc, httpx.ConnectError):
+            err.print(f"[bold red]error:[/] cannot reach the service ({exc}); is `prunepilot serve` running?", highlight=False)
+            sys.exit(2)
+        raise
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

@@ -31,13 +31,17 @@ class Settings(BaseSettings):
     database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in data_dir")
     ray_address: str | None = Field(default=None, description="Ray cluster address; default: embedded local Ray")
     threads: int = Field(default=2, ge=1, description="torch intra-op threads per worker")
-    job_cpus: float = Field(default=1.0, gt=0, description="CPUs Ray reserves per job")
+    job_cpus: float = Field(default=2.0, gt=0, description="CPUs Ray reserves per job (also its torch threads)")
+    ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the embedded Ray (default: all)")
+    worker_niceness: int | None = Field(default=None, ge=0, le=19,
+                                        description="nice value of embedded Ray workers (Ray's default 15 keeps the API responsive)")
     max_concurrent_jobs: int = Field(default=2, ge=1)
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="largest accepted upload")
     max_zip_files: int = Field(default=200_000)
     max_zip_bytes: int = Field(default=4 * 1024**3, description="cap on a dataset zip's uncompressed size")
     job_max_attempts: int = Field(default=3, ge=1, description="runs of a job whose worker died, before it fails")
     dispatch_interval_s: float = Field(default=1.0, gt=0)
+    run_dispatcher: bool = Field(default=True, description="run jobs from this API process (off: an API-only replica)")
     auth_disabled: bool = Field(default=False, description="accept requests without an API key (single-user local use)")
     host: str = "127.0.0.1"
     port: int = 8000

@@ -52,7 +52,9 @@ class Job(Base):
     dataset: Mapped[str] = mapped_column(String(500))
     problem: Mapped[dict[str, Any]] = mapped_column(JSON)  # the full, validated job spec
     problem_key: Mapped[str] = mapped_column(String(64), index=True)  # same model + data + budget -> same key
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
     progress: Mapped[float] = mapped_column(Float, default=0.0)
+    finetune_progress: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     evaluations: Mapped[int] = mapped_column(Integer, default=0)
     best_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
     best_step: Mapped[int | None] = mapped_column(Integer, default=None)

@@ -1,0 +1,189 @@
+"""Agents side by side on ResNet-56 / CIFAR-10-JPEG: the project's headline comparison.
+
+Every agent searches with the same evaluator (adaptive-BN accuracy on a fixed 1,000-image
+validation subset carved from the training split, 1,024 calibration images) and the same number
+of evaluations; each best strategy then gets the identical fine-tune budget, as does the dense
+model, and final accuracy is measured on the full 10,000-image test split.
+
+Resumable and runs in pieces: trials are appended to JSONL files and every finished piece is a
+JSON file under benchmarks/results/compare/<problem>/, which later runs skip.
+
+    python benchmarks/compare_agents.py search   --problem flops   [--agents ...] [--evals 200] [--seeds 0 1 2]
+    python benchmarks/compare_agents.py finetune --problem flops   [--epochs 3]
+    python benchmarks/compare_agents.py report   # docs/benchmarks.md section + JSON + PNG plots
+
+Problem ``flops``: 50 % of dense MACs. Problem ``latency``: 60 % of dense latency at batch 1 on
+this CPU (latency lookup table, measured at the end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunepilot.agents import SearchContext, SearchLimits, TrialRecord, create_agent
+from prunepilot.compression import Evaluator, Fidelity, FinetuneConfig, finalize
+from prunepilot.compression.latency import FileLatencyStore, LatencyTable
+from prunepilot.service.settings import get_settings
+from prunepilot.service.workspace import open_session
+
+ROOT = Path(__file__).parent / "results" / "compare"
+ALL_AGENTS = ["uniform", "global", "random", "sensitivity", "optuna-tpe", "optuna-nsga2", "amc", "netadapt"]
+CHEAP = {"uniform", "global", "random"}
+LIMITS = {"flops": {"flops": 0.5}, "latency": {"latency": 0.6}}
+# Agent options for this benchmark (documented in docs/benchmarks.md).
+AGENT_OPTIONS: dict[str, dict[str, Any]] = {"netadapt": {"initial_reduction": 0.05, "decay": 0.96, "short_steps": 20}}
+# Reported elsewhere (AMC paper, Table 3, original CIFAR-10 test set), not measured here.
+AMC_PAPER = {"resnet56_dense_top1": 92.8, "resnet56_50pct_flops_top1_after_ft": 91.9, "drop_pt": 0.9,
+             "uniform_50pct_flops_drop_pt": "not reported for ResNet-56"}
+
+
+class JsonlRecorder:
+    """Trials appended to a file, so an interrupted search resumes where it stopped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, trial: TrialRecord) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({**asdict(trial), "created_at": trial.created_at.isoformat()}) + "\n")
+
+    def existing(self) -> list[TrialRecord]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                d["created_at"] = datetime.fromisoformat(d["created_at"])
+                out.append(TrialRecord(**d))
+        return out
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def problem_dir(problem: str) -> Path:
+    return ROOT / problem
+
+
+def setup(problem: str):  # type: ignore[no-untyped-def]
+    s = get_settings()
+    torch.set_num_threads(s.threads)
+    session = open_session("resnet56", s.shared_weights_dir / "resnet56-cifar10.th", "cifar10-jpeg", s, progress=True)
+    table = None
+    if problem == "latency":
+        table = LatencyTable(session.pruner.graph, session.pruner.model, FileLatencyStore(s.cache_dir / "latency_tables.json"), 1, s.threads)
+        table.build()
+        calib = problem_dir(problem) / "latency_calibration.json"
+        if calib.is_file():  # one calibration for all agents of the problem: they must share one latency model
+            c = json.loads(calib.read_text())
+            table.scale, table.remainder_ms, table.dense_measured_ms = c["scale"], c["remainder_ms"], c["dense_ms"]
+        else:
+            table.calibrate(repeats=60)
+            calib.parent.mkdir(parents=True, exist_ok=True)
+            calib.write_text(json.dumps({"scale": table.scale, "remainder_ms": table.remainder_ms, "dense_ms": table.dense_ms,
+                                         **table.calibration}))
+    evaluator = Evaluator(session.pruner, session.splits, Fidelity(val_images=1000, calib_images=1024), latency_model=table)
+    return session, evaluator
+
+
+def run_search(problem: str, agents: list[str], evals: int, seeds: list[int]) -> None:
+    session, evaluator = setup(problem)
+    for agent in agents:
+        # several seeds for the cheap agents; uniform and global are deterministic, one run is every run
+        runs = seeds[:1] if agent not in CHEAP or agent in ("uniform", "global") else seeds
+        for seed in runs:
+            out = problem_dir(problem) / f"search-{agent}-s{seed}.json"
+            if out.is_file():
+                print(f"skip {out.name} (done)")
+                continue
+            rec = JsonlRecorder(problem_dir(problem) / f"trials-{agent}-s{seed}.jsonl")
+            state = problem_dir(problem) / "state" / f"{agent}-s{seed}"
+            evaluator._cache.clear()
+            fwd0, tot0 = evaluator.forward_seconds, evaluator.total_seconds
+            ctx = SearchContext(evaluator, LIMITS[problem], SearchLimits(max_evaluations=evals), rec, seed=seed, agent=agent,
+                                state_dir=state, on_trial=lambda t: print(f"  {t.agent} step {t.step}: acc {t.accuracy:.3f}", flush=True)
+                                if t.step % 25 == 0 else None)
+            t0 = time.perf_counter()
+            result = create_agent(agent, **AGENT_OPTIONS.get(agent, {})).search(ctx)
+            wall = time.perf_counter() - t0
+            trials = rec.existing()
+            best = result.best
+            data = {
+                "agent": agent, "seed": seed, "problem": problem, "limits": LIMITS[problem], "evaluations": len(trials),
+                "search_seconds_this_run": wall, "search_seconds_total": sum(t.wall_time_s for t in trials),
+                "forward_share": (evaluator.forward_seconds - fwd0) / wall if wall > 0 else None,
+                "evaluation_share": (evaluator.total_seconds - tot0) / wall if wall > 0 else None,
+                "best": {"step": best.step, "accuracy": best.accuracy, "strategy": best.strategy, "metrics": best.metrics},
+                "pareto_steps": [t.step for t in result.pareto], "info": {k: v for k, v in result.info.items() if k != "history"},
+            }
+            if result.model is not None:  # NetAdapt ends with its own fine-tuned network
+                from prunepilot.compression import save_artifact
+                from prunepilot.compression.spec import spec_of
+
+                save_artifact(result.model, spec_of(result.model, "resnet56", 10, 32), state / "final-model")
+                data["model_dir"] = str(state / "final-model")
+            out.write_text(json.dumps(data, indent=2, default=str))
+            print(f"{agent} seed {seed}: best search acc {best.accuracy:.3f} at step {best.step}, {len(trials)} evaluations, "
+                  f"{wall:.0f} s, forward share {data['forward_share']:.0%}", flush=True)
+
+
+def run_finetune(problem: str, epochs: float, agents: list[str]) -> None:
+    session, evaluator = setup(problem)
+    config = FinetuneConfig(epochs=epochs, lr=0.01)
+    todo = sorted(problem_dir(problem).glob("search-*.json"))
+    dense_done = problem_dir(problem) / f"final-dense-e{epochs:g}.json"
+    for path in todo:
+        search = json.loads(path.read_text())
+        if search["agent"] not in agents:
+            continue
+        out = problem_dir(problem) / f"final-{search['agent']}-s{search['seed']}-e{epochs:g}.json"
+        if out.is_file():
+            continue
+        init_model = None
+        if search.get("model_dir"):
+            from prunepilot.compression import load_artifact
+
+            init_model = load_artifact(search["model_dir"])
+        result = finalize(session.pruner, session.splits, search["best"]["strategy"], config, finetune_dense=not dense_done.is_file(),
+                          threads=get_settings().threads, initial_model=init_model)
+        report = result.report()
+        if "dense_finetuned" in report["figures"]:
+            dense_done.write_text(json.dumps({"figures": {k: report["figures"][k] for k in ("dense", "dense_finetuned")}}, indent=2))
+        out.write_text(json.dumps({"agent": search["agent"], "seed": search["seed"], "epochs": epochs, **report}, indent=2, default=str))
+        p = report["figures"]["pruned"]
+        print(f"{search['agent']} s{search['seed']}: test acc {p['accuracy']:.2%} after {epochs:g} epochs, MACs {report['macs_ratio']:.1%}",
+              flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["search", "finetune", "report"])
+    parser.add_argument("--problem", choices=list(LIMITS), default="flops")
+    parser.add_argument("--agents", nargs="*", default=ALL_AGENTS)
+    parser.add_argument("--evals", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=float, default=3.0)
+    args = parser.parse_args()
+    if args.phase == "search":
+        run_search(args.problem, args.agents, args.evals, args.seeds)
+    elif args.phase == "finetune":
+        run_finetune(args.problem, args.epochs, args.agents)
+    else:
+        from compare_report import write_report
+
+        write_report(ROOT, AMC_PAPER)
+
+
+if __name__ == "__main__":
+    main()
+

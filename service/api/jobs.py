@@ -1,0 +1,106 @@
+"""/v1/jobs: submit, list, inspect, cancel, trials, model download, report."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Form, Query, UploadFile, status
+from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import ValidationError
+
+from prunepilot.compression import export_format
+
+from ..jobs import InvalidJob, UploadedFile
+from ..schemas import ErrorBody, JobAccepted, JobCreate, JobPublic, Page, TrialPublic
+from .deps import JobsDep, PrincipalDep, owner_of
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+
+
+def _parse_spec(raw: str) -> JobCreate:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidJob(f"spec is not valid JSON: {exc}") from None
+    try:
+        return JobCreate.model_validate(data)
+    except ValidationError as exc:
+        msgs = [f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()]
+        raise InvalidJob("invalid spec: " + "; ".join(msgs)) from None
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
+             responses={**ERRORS, 413: {"model": ErrorBody}},
+             summary="Submit a pruning job",
+             description="Multipart form: `spec` (JSON, see JobCreate), `weights` (state dict or safetensors), "
+                         "optional `dataset` (ImageFolder zip, with spec.dataset = 'upload'). Answers 202 with the job's links.")
+def submit_job(
+    jobs: JobsDep,
+    principal: PrincipalDep,
+    spec: Annotated[str, Form(description="JobCreate as JSON", examples=[json.dumps(JobCreate.model_config["json_schema_extra"]["examples"][0])])],
+    weights: Annotated[UploadFile, File(description="state dict (.pt/.th) or .safetensors")],
+    dataset: Annotated[UploadFile | None, File(description="ImageFolder zip when spec.dataset is 'upload'")] = None,
+) -> JSONResponse:
+    parsed = _parse_spec(spec)
+    job = jobs.submit(owner_of(principal), parsed, UploadedFile(weights.file, weights.filename or "weights"),
+                      UploadedFile(dataset.file, dataset.filename or "dataset.zip") if dataset is not None else None)
+    body = JobAccepted(id=job.id, status=job.status, links=job.links)
+    return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": job.links.self})
+
+
+@router.get("", response_model=Page[JobPublic], responses=ERRORS, summary="List your jobs")
+def list_jobs(
+    jobs: JobsDep, principal: PrincipalDep,
+    status_: Annotated[Literal["queued", "running", "finetuning", "succeeded", "failed", "cancelled"] | None, Query(alias="status")] = None,
+    agent: str | None = None, problem_key: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+) -> Page[JobPublic]:
+    items, total = jobs.list(owner_of(principal), status_, agent, problem_key, limit, offset)
+    return Page[JobPublic](items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=ERRORS, summary="Status, progress, best so far, timings, error")
+def get_job(job_id: str, jobs: JobsDep, principal: PrincipalDep) -> JobPublic:
+    return jobs.get(owner_of(principal), job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses=ERRORS, summary="Cancel a job")
+def cancel_job(job_id: str, jobs: JobsDep, principal: PrincipalDep) -> JobPublic:
+    return jobs.cancel(owner_of(principal), job_id)
+
+
+@router.get("/{job_id}/trials", response_model=Page[TrialPublic], responses=ERRORS, summary="The job's trials, in order")
+def list_trials(
+    job_id: str, jobs: JobsDep, principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 100, offset: Annotated[int, Query(ge=0)] = 0, kind: str | None = None,
+) -> Page[TrialPublic]:
+    items, total = jobs.trials(owner_of(principal), job_id, limit, offset, kind)
+    return Page[TrialPublic](items=items, total=total, limit=limit, offset=offset)
+
+
+@router.get("/{job_id}/report", responses=ERRORS, summary="Final report: dense vs pruned, measured")
+def get_report(job_id: str, jobs: JobsDep, principal: PrincipalDep) -> dict:
+    return jobs.report(owner_of(principal), job_id)
+
+
+@router.get("/{job_id}/model", responses={**ERRORS, 200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+            summary="Download the pruned model",
+            description="`state_dict`: a zip of model.safetensors + spec.json + report.json (rebuild with "
+                        "prunepilot.compression.load_artifact); `pt2`: a torch.export program; `onnx`: an ONNX model.")
+def get_model(job_id: str, jobs: JobsDep, principal: PrincipalDep,
+              format: Literal["state_dict", "pt2", "onnx"] = "state_dict") -> Response:  # noqa: A002 - the public query name
+    path = jobs.model_dir(owner_of(principal), job_id)
+    if format == "state_dict":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            for name in ("model.safetensors", "spec.json", "report.json"):
+                if (path / name).is_file():
+                    z.write(path / name, name)
+        return Response(buf.getvalue(), media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="prunepilot-{job_id}.zip"'})
+    target = export_format(path, format)
+    return FileResponse(target, media_type="application/octet-stream", filename=f"prunepilot-{job_id}.{format}")

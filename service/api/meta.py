@@ -1,0 +1,34 @@
+"""Zoo, agents and health."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from prunepilot import __version__
+from prunepilot.agents import describe_agents
+from prunepilot.compression import architectures
+
+from ..db.engine import session_scope
+from ..schemas import AgentPublic, ArchPublic, Health
+from .deps import PrincipalDep
+
+router = APIRouter(tags=["meta"])
+
+
+@router.get("/v1/models", response_model=list[ArchPublic], summary="Architectures in the zoo")
+def list_models(principal: PrincipalDep) -> list[ArchPublic]:
+    return [ArchPublic(**a.__dict__) for a in architectures()]
+
+
+@router.get("/v1/agents", response_model=list[AgentPublic], summary="Search agents")
+def list_agents(principal: PrincipalDep) -> list[AgentPublic]:
+    return [AgentPublic(**a) for a in describe_agents()]
+
+
+@router.get("/healthz", response_model=Health, summary="Liveness: database and Ray reachable")
+def health(request: Request) -> Health:
+    from sqlalchemy import text
+
+    with session_scope(request.app.state.settings.db_url) as s:
+        s.execute(text("SELECT 1"))
+    return Health(status="ok", database=s.get_bind().dialect.name, ray=request.app.state.ray_mode, version=__version__)

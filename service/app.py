@@ -1,0 +1,91 @@
+"""The FastAPI application: routes, error mapping, lifespan (migrations check, Ray, dispatcher)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from prunepilot import __version__
+from prunepilot.compression import PrunePilotError, UnknownArchitectureError
+
+from . import logs
+from .api import jobs as jobs_api
+from .api import meta as meta_api
+from .db.engine import StoreError
+from .db.migrate import ensure_current
+from .jobs import InvalidJob, JobService, NotFound, NotReady
+from .settings import Settings, get_settings
+from .uploads import UploadTooLarge
+
+log = logging.getLogger("prunepilot.api")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    dispatch = settings.run_dispatcher
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logs.configure()
+        ensure_current(settings.db_url)  # refuse to serve an unmigrated database
+        app.state.ray_mode = "off"
+        dispatcher = None
+        if dispatch:
+            from .dispatcher import Dispatcher, init_ray
+
+            app.state.ray_mode = init_ray(settings)
+            dispatcher = Dispatcher(settings)
+            dispatcher.start()
+        log.info("prunepilot %s serving (database %s, ray %s)", __version__, settings.db_url.split("://")[0], app.state.ray_mode)
+        try:
+            yield
+        finally:
+            if dispatcher is not None:
+                dispatcher.stop()
+                import ray
+
+                ray.shutdown()
+
+    app = FastAPI(title="prunepilot", version=__version__, lifespan=lifespan,
+                  description="Find per-layer pruning ratios under a FLOPs / latency / size budget. "
+                              "Authenticate with `Authorization: Bearer <key>` (`prunepilot keys create`).")
+    app.state.settings = settings
+    app.state.jobs = JobService(settings)
+    app.state.ray_mode = "off"
+
+    @app.middleware("http")
+    async def limits_and_logs(request: Request, call_next):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > 2 * settings.max_upload_bytes + (1 << 20):
+            return JSONResponse({"detail": f"request body exceeds the upload limit of {settings.max_upload_bytes} bytes"},
+                                status_code=413)
+        response = await call_next(request)
+        log.info("request", extra={"method": request.method, "path": request.url.path, "status": response.status_code,
+                                   "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
+        return response
+
+    def handler(code: int):  # type: ignore[no-untyped-def]
+        async def handle(_: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=code)
+        return handle
+
+    app.add_exception_handler(NotFound, handler(404))
+    app.add_exception_handler(NotReady, handler(409))
+    app.add_exception_handler(UploadTooLarge, handler(413))
+    app.add_exception_handler(StoreError, handler(503))
+    app.add_exception_handler(InvalidJob, handler(422))
+    app.add_exception_handler(UnknownArchitectureError, handler(422))
+    app.add_exception_handler(PrunePilotError, handler(422))
+
+    app.include_router(jobs_api.router)
+    app.include_router(meta_api.router)
+    from .api import dashboard as dashboard_api
+
+    app.include_router(dashboard_api.router)
+    return app

@@ -1,0 +1,123 @@
+"""Hands queued jobs to Ray and watches them; the database decides what runs.
+
+A thread in the API process. Each tick it (1) collects finished Ray tasks, re-queueing jobs whose
+worker died (bounded by ``job_max_attempts``), (2) re-queues jobs that are marked running but
+have no live worker (after an API restart, or a stale heartbeat on a cluster), and (3) submits
+queued jobs. Retried jobs resume from their recorded trials.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+from .db import repo
+from .db.engine import session_scope
+from .db.models import utcnow
+from .settings import Settings
+from .worker import HEARTBEAT_S, run_job, stale
+
+log = logging.getLogger("prunepilot.dispatcher")
+
+
+def init_ray(settings: Settings) -> str:
+    import ray
+
+    if ray.is_initialized():
+        return "connected"
+    env = {"env_vars": {"RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    if settings.worker_niceness is not None:
+        os.environ["RAY_worker_niceness"] = str(settings.worker_niceness)  # read by the raylet ray.init starts
+    if settings.ray_address:
+        ray.init(address=settings.ray_address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
+        return f"cluster {settings.ray_address}"
+    ray.init(include_dashboard=False, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False,
+             num_cpus=settings.ray_num_cpus)
+    return "embedded"
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = settings.db_url
+        self.running: dict[str, Any] = {}  # job id -> Ray ObjectRef
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="dispatcher")
+        self._embedded = not settings.ray_address
+        self._first_tick = True
+
+    def start(self) -> None:
+        import ray
+
+        self._remote = ray.remote(max_retries=0)(run_job)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop dispatching and end this process's job tasks; their jobs stay 'running' in the
+        database and are picked up (resumed) by the next start."""
+        import ray
+
+        self._stop.set()
+        self._thread.join(timeout=10)
+        for ref in self.running.values():
+            try:
+                ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001 - already finished or Ray is going down anyway
+                pass
+        self.running.clear()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - keep dispatching; the next tick retries
+                log.exception("dispatcher tick failed")
+            self._stop.wait(self.settings.dispatch_interval_s)
+
+    def tick(self) -> None:
+        import ray
+
+        if self.running:
+            done, _ = ray.wait(list(self.running.values()), num_returns=len(self.running), timeout=0)
+            for job_id, ref in list(self.running.items()):
+                if ref in done:
+                    del self.running[job_id]
+                    try:
+                        state = ray.get(ref)
+                        log.info("job %s finished: %s", job_id, state)
+                    except Exception as exc:  # noqa: BLE001 - worker process died or Ray failed the task
+                        log.warning("job %s: worker lost (%s)", job_id, type(exc).__name__)
+                        self._requeue_or_fail(job_id, f"worker died ({type(exc).__name__})")
+        with session_scope(self.url) as s:
+            active = repo.jobs_in_states(s, states=("queued", "running", "finetuning"))
+            rows = [(j.id, j.status, j.heartbeat_at, j.cancel_requested) for j in active]
+        for job_id, status, heartbeat, cancel in rows:
+            if job_id in self.running:
+                continue
+            if status in ("running", "finetuning"):
+                # No task of ours runs it: after a restart of an embedded deployment nothing can; on a
+                # cluster another API process may own it, so wait until its heartbeat is stale.
+                if (self._embedded and self._first_tick) or stale(heartbeat, HEARTBEAT_S * 6):
+                    self._requeue_or_fail(job_id, "worker lost")
+                continue
+            if cancel:
+                continue
+            cpus = self.settings.job_cpus
+            self.running[job_id] = self._remote.options(num_cpus=cpus).remote(job_id, self.settings.model_dump(mode="json"))
+        self._first_tick = False
+
+    def _requeue_or_fail(self, job_id: str, reason: str) -> None:
+        with session_scope(self.url) as s:
+            job = repo.get_job(s, job_id=job_id)
+            if job is None or job.status not in ("running", "finetuning", "queued"):
+                return
+            if job.cancel_requested:
+                repo.update_job(s, job_id=job_id, status="cancelled", finished_at=utcnow(), error="cancelled")
+            elif job.attempts >= self.settings.job_max_attempts:
+                repo.update_job(s, job_id=job_id, status="failed", finished_at=utcnow(),
+                                error=f"{reason}; gave up after {job.attempts} attempts")
+            else:
+                repo.update_job(s, job_id=job_id, status="queued", worker_id=None)
+                log.info("job %s re-queued (%s, attempt %d done)", job_id, reason, job.attempts)

@@ -1,0 +1,279 @@
+"""End to end through a real uvicorn server in a subprocess, with embedded Ray and SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from prunepilot.compression import count_macs, load_artifact
+from prunepilot.compression.evaluate import accuracy
+from prunepilot.compression.finalize import heldout_tensors
+from prunepilot.service.client import ApiError, Client
+
+from server import Server
+
+pytestmark = pytest.mark.slow
+
+
+def quick_spec(**over) -> dict:
+    spec = {"arch": "resnet20", "dataset": "upload", "agent": "random",
+            "budget": {"constraints": [{"resource": "flops", "ratio": 0.5}]},
+            "search": {"max_evaluations": 3}, "fidelity": {"val_images": 100, "calib_images": 128},
+            "finetune": {"epochs": 0.0}, "measure": {"test_images": 100, "latency_batches": [1]}}
+    spec.update(over)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    srv = Server(tmp_path_factory.mktemp("srv"))
+    srv.cli("db", "upgrade")
+    srv.keys = {name: srv.cli("keys", "create", "--name", name).split()[-1] for name in ("alice", "bob")}
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def alice(server) -> Client:
+    with Client(server.url, server.keys["alice"]) as c:
+        yield c
+
+
+def wait_for(predicate, timeout: float = 180, every: float = 0.3):  # type: ignore[no-untyped-def]
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("condition not met in time")
+
+
+def test_submit_poll_download_and_load(server, alice: Client, mini_zip: Path, resnet20_weights: Path, mini_splits, tmp_path: Path) -> None:
+    job = alice.submit(quick_spec(finetune={"epochs": 0.2}), resnet20_weights, mini_zip)
+    assert job["status"] == "queued" and job["links"]["self"] == f"/v1/jobs/{job['id']}"
+    seen = set()
+    done = alice.wait(job["id"], poll_s=0.3, timeout_s=300, on_update=lambda j: seen.add(j["status"]))
+    assert done["status"] == "succeeded", done["error"]
+    assert {"running", "finetuning"} & seen and done["evaluations"] == 3 and done["attempts"] == 1
+    assert done["started_at"] and done["finetune_started_at"] and done["finished_at"]
+    trials = alice.trials(job["id"])
+    assert trials["total"] == 3 and [t["step"] for t in trials["items"]] == [0, 1, 2]
+    out = alice.download(job["id"], tmp_path / "model")
+    model = load_artifact(out)
+    report = alice.report(job["id"])
+    assert count_macs(model, 32) == report["figures"]["pruned"]["macs"]
+    assert report["macs_ratio"] <= 0.5
+    x, y = heldout_tensors(mini_splits, 100)
+    assert accuracy(model.to(memory_format=torch.channels_last), x, y) == pytest.approx(report["figures"]["pruned"]["accuracy"])
+    onnx_file = alice.download(job["id"], tmp_path / "onnx", "onnx")
+    assert onnx_file.stat().st_size > 10_000
+
+
+def test_cancel_stops_a_running_search(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
+    job = alice.submit(quick_spec(search={"max_evaluations": 500}), resnet20_weights, mini_zip)
+    wait_for(lambda: alice.job(job["id"])["evaluations"] >= 1)
+    alice.cancel(job["id"])
+    t0 = time.time()
+    done = alice.wait(job["id"], poll_s=0.2, timeout_s=60)
+    assert done["status"] == "cancelled" and time.time() - t0 < 20
+    assert done["evaluations"] < 500
+    with pytest.raises(ApiError) as err:
+        alice.cancel(job["id"])
+    assert err.value.status == 409
+
+
+def test_a_killed_worker_is_retried_and_resumes(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
+    job = alice.submit(quick_spec(search={"max_evaluations": 12}), resnet20_weights, mini_zip)
+    first = wait_for(lambda: (j := alice.job(job["id"]))["evaluations"] >= 3 and j)
+    pid = int(server_job_worker(server, job["id"]).split(":")[-1])
+    os.kill(pid, signal.SIGKILL)
+    done = alice.wait(job["id"], poll_s=0.5, timeout_s=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["attempts"] == 2
+    trials = alice.trials(job["id"])["items"]
+    assert [t["step"] for t in trials] == list(range(12))  # nothing lost, nothing twice
+    killed_at = first["evaluations"]
+    before = [t["created_at"] for t in trials[:killed_at]]
+    assert before == sorted(before)
+
+
+def server_job_worker(server: Server, job_id: str) -> str:
+    from prunepilot.service.db import repo
+    from prunepilot.service.db.engine import session_scope
+
+    with session_scope(f"sqlite:///{server.data_dir / 'prunepilot.db'}") as s:
+        return repo.get_job(s, job_id=job_id).worker_id
+
+
+def test_api_restart_mid_job_resumes(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
+    job = alice.submit(quick_spec(search={"max_evaluations": 40}), resnet20_weights, mini_zip)
+    wait_for(lambda: alice.job(job["id"])["evaluations"] >= 2)
+    server.stop(signal.SIGTERM)
+    assert server_job_status(server, job["id"]) == "running"  # stopped mid-search...
+    wait_for(lambda: not running_job_workers(), timeout=20)  # ...and its worker went down with the embedded Ray
+    server.start()
+    with Client(server.url, server.keys["alice"]) as again:
+        done = again.wait(job["id"], poll_s=0.5, timeout_s=300)
+        assert done["status"] == "succeeded", done["error"]
+        assert done["attempts"] == 2
+        assert [t["step"] for t in again.trials(job["id"])["items"]] == list(range(40))
+
+
+def running_job_workers() -> list[str]:
+    import subprocess
+
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if line.startswith("ray::run_job")]
+
+
+def server_job_status(server: Server, job_id: str) -> str:
+    from prunepilot.service.db import repo
+    from prunepilot.service.db.engine import session_scope
+
+    with session_scope(f"sqlite:///{server.data_dir / 'prunepilot.db'}") as s:
+        return repo.get_job(s, job_id=job_id).status
+
+
+class _Evil:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+def _job_count(c: Client) -> int:
+    return c.jobs()["total"]
+
+
+@pytest.mark.parametrize(("spec_over", "message"), [
+    ({"arch": "resnet21"}, "unknown architecture 'resnet21'"),
+    ({"agent": "nope"}, "unknown agent 'nope'"),
+    ({"budget": {"constraints": [{"resource": "flops", "ratio": 1.0}]}}, "ratio must be in (0, 1)"),
+    ({"budget": {"constraints": [{"resource": "flops", "ratio": 0.0}]}}, "ratio must be in (0, 1)"),
+    ({"budget": {"constraints": [{"resource": "energy", "ratio": 0.5}]}}, "budget.constraints.0.resource"),
+    ({"budget": {"constraints": [{"resource": "flops", "ratio": 0.05}]}}, "infeasible under the layer limits"),
+    ({"budget": {"constraints": [{"resource": "params", "value": 1e9}]}}, "not below the dense model"),
+    ({"criterion": "random"}, "unknown criterion"),
+    ({"search": {"max_evaluations": 0}}, "search.max_evaluations"),
+    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
+])
+def test_bad_specs_are_rejected_with_422_and_nothing_created(server, alice: Client, mini_zip: Path, resnet20_weights: Path,
+                                                             spec_over: dict, message: str) -> None:
+    before = _job_count(alice)
+    uploads = set((server.data_dir / "uploads").glob("*")) if (server.data_dir / "uploads").exists() else set()
+    with pytest.raises(ApiError) as err:
+        alice.submit(quick_spec(**spec_over), resnet20_weights, mini_zip if spec_over.get("dataset", "upload") == "upload" else None)
+    assert err.value.status == 422 and message in err.value.detail, err.value.detail
+    assert _job_count(alice) == before
+    after = set((server.data_dir / "uploads").glob("*")) if (server.data_dir / "uploads").exists() else set()
+    assert not {p for p in after - uploads if not p.name.startswith(".")}
+
+
+def test_pickle_that_runs_code_is_refused(server, alice: Client, mini_zip: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    _Evil.marker = str(marker)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"state_dict": {"conv1.weight": _Evil()}}))
+    with pytest.raises(ApiError) as err:
+        alice.submit(quick_spec(), evil, mini_zip)
+    assert err.value.status == 422 and "not a state dict" in err.value.detail
+    time.sleep(0.5)
+    assert not marker.exists()
+
+
+def test_wrong_weights_name_the_keys(server, alice: Client, mini_zip: Path, resnet56_weights: Path) -> None:
+    with pytest.raises(ApiError) as err:
+        alice.submit(quick_spec(), resnet56_weights, mini_zip)
+    assert err.value.status == 422 and "unexpected keys: layer1.3.conv1.weight" in err.value.detail
+
+
+def test_spec_that_is_not_json(server, alice: Client, resnet20_weights: Path) -> None:
+    r = alice.http.post("/v1/jobs", data={"spec": "{not json"}, files={"weights": ("w.th", resnet20_weights.read_bytes())})
+    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
+
+
+def test_zip_with_path_traversal_is_refused(server, alice: Client, resnet20_weights: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("train/cat/1.jpg", b"x")
+        z.writestr("../../etc/evil.jpg", b"x")
+    with pytest.raises(ApiError) as err:
+        alice.submit(quick_spec(), resnet20_weights, bad)
+    assert err.value.status == 422 and "outside the archive" in err.value.detail
+
+
+def test_upload_size_limit(tmp_path_factory: pytest.TempPathFactory, resnet20_weights: Path, mini_zip: Path) -> None:
+    srv = Server(tmp_path_factory.mktemp("small"), {"PRUNEPILOT_MAX_UPLOAD_BYTES": "100000", "PRUNEPILOT_AUTH_DISABLED": "1",
+                                                      "PRUNEPILOT_RUN_DISPATCHER": "0"})
+    srv.cli("db", "upgrade")
+    srv.start()
+    try:
+        with Client(srv.url) as c, pytest.raises(ApiError) as err:
+            c.submit(quick_spec(), resnet20_weights, mini_zip)
+        assert err.value.status == 413
+    finally:
+        srv.stop()
+
+
+def test_users_see_only_their_own_jobs(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
+    job = alice.submit(quick_spec(agent="uniform", search={"max_evaluations": 1}), resnet20_weights, mini_zip)
+    with Client(server.url, server.keys["bob"]) as bob:
+        for call in (lambda: bob.job(job["id"]), lambda: bob.trials(job["id"]), lambda: bob.cancel(job["id"])):
+            with pytest.raises(ApiError) as err:
+                call()
+            assert err.value.status == 404
+        assert all(j["id"] != job["id"] for j in bob.jobs()["items"])
+    assert any(j["id"] == job["id"] for j in alice.jobs(limit=500)["items"])
+    r = httpx.get(f"{server.url}/v1/jobs/{job['id']}")
+    assert r.status_code == 401
+    r = httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": "Bearer pp_wrong"})
+    assert r.status_code == 401
+    alice.wait(job["id"], timeout_s=300)
+
+
+def test_twenty_concurrent_submissions_all_finish(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
+    ids: list[str] = []
+    errors: list[Exception] = []
+
+    def submit() -> None:
+        try:
+            with Client(server.url, server.keys["alice"]) as c:
+                ids.append(c.submit(quick_spec(agent="uniform", search={"max_evaluations": 1}), resnet20_weights, mini_zip)["id"])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(ids)) == 20
+    for job_id in ids:
+        assert alice.wait(job_id, poll_s=0.5, timeout_s=600)["status"] == "succeeded"
+
+
+def test_models_agents_health_and_openapi(server, alice: Client) -> None:
+    models = alice.http.get("/v1/models").json()
+    assert {"resnet20", "resnet56", "mobilenet_v2"} <= {m["name"] for m in models}
+    agents = {a["name"] for a in alice.http.get("/v1/agents").json()}
+    assert {"amc", "netadapt", "optuna-tpe", "optuna-nsga2", "uniform", "sensitivity", "global", "random"} <= agents
+    health = httpx.get(f"{server.url}/healthz").json()
+    assert health == {**health, "status": "ok", "database": "sqlite", "ray": "embedded"}
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/trials",
+                 "/v1/jobs/{job_id}/model", "/v1/jobs/{job_id}/report", "/v1/models", "/v1/agents", "/healthz"):
+        assert path in spec["paths"], path
+    assert "202" in spec["paths"]["/v1/jobs"]["post"]["responses"]
+    assert json.dumps(spec).count("bearer") or json.dumps(spec).count("HTTPBearer")
