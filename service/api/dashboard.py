@@ -1,7 +1,51 @@
-"""The dashboard page (filled in by the dashboard issue)."""
+"""The dashboard page and its data. The page itself holds no data; every call it makes carries the
+same bearer key as the API (taken from ``#key=...`` or typed in once, kept in localStorage)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from pathlib import Path
+from typing import Literal
+
+import plotly
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+
+from ..dashboard import compare, export_csv
+from .deps import PrincipalDep, owner_of
 
 router = APIRouter(tags=["dashboard"])
+STATIC = Path(__file__).resolve().parents[1] / "static"
+PLOTLY_JS = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"  # offline: no CDN
+
+
+@router.get("/dashboard", response_class=HTMLResponse, include_in_schema=False)
+def dashboard_page() -> HTMLResponse:
+    return HTMLResponse((STATIC / "dashboard.html").read_text())
+
+
+@router.get("/static/{name}", include_in_schema=False)
+def static_file(name: str) -> FileResponse:
+    if name == "plotly.min.js":
+        return FileResponse(PLOTLY_JS, media_type="text/javascript")
+    path = (STATIC / name).resolve()
+    if path.parent != STATIC.resolve() or not path.is_file():
+        raise HTTPException(404, "not found")
+    media = {".js": "text/javascript", ".css": "text/css"}.get(path.suffix, "application/octet-stream")
+    return FileResponse(path, media_type=media)
+
+
+@router.get("/v1/problems/{problem_key}/compare", summary="Every job and trial of one problem, for comparing agents")
+def problem_compare(problem_key: str, request: Request, principal: PrincipalDep) -> dict:
+    return compare(request.app.state.settings.db_url, owner_of(principal), problem_key)
+
+
+@router.get("/v1/problems/{problem_key}/export", summary="The compared data as CSV or JSON")
+def problem_export(problem_key: str, request: Request, principal: PrincipalDep, format: Literal["csv", "json"] = "csv") -> Response:  # noqa: A002
+    data = compare(request.app.state.settings.db_url, owner_of(principal), problem_key)
+    if format == "json":
+        import json
+
+        return Response(json.dumps(data), media_type="application/json",
+                        headers={"Content-Disposition": f'attachment; filename="prunepilot-{problem_key}.json"'})
+    return Response(export_csv(data), media_type="text/csv",
+                    headers={"Content-Disposition": f'attachment; filename="prunepilot-{problem_key}.csv"'})

@@ -1,0 +1,135 @@
+"""The dashboard in a real browser (Debian's Chromium driven by Playwright) over a real server."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from prunepilot.service.client import Client
+
+from pg import require_or_skip
+from server import Server
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def spec(agent: str, evals: int, **over) -> dict:  # type: ignore[no-untyped-def]
+    s = {"arch": "resnet20", "dataset": "upload", "agent": agent, "budget": {"constraints": [{"resource": "flops", "ratio": 0.5}]},
+         "search": {"max_evaluations": evals}, "fidelity": {"val_images": 100, "calib_images": 128}, "finetune": {"epochs": 0.0},
+         "measure": {"test_images": 100, "latency_batches": [1]}}
+    s.update(over)
+    return s
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        require_or_skip("Chromium", "apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def seeded(tmp_path_factory: pytest.TempPathFactory, mini_zip: Path, resnet20_weights: Path):
+    srv = Server(tmp_path_factory.mktemp("dash"))
+    srv.cli("db", "upgrade")
+    key = srv.cli("keys", "create", "--name", "dash").split()[-1]
+    srv.start()
+    client = Client(srv.url, key)
+    done = {}
+    for agent, evals in (("uniform", 1), ("random", 4), ("sensitivity", 8), ("global", 1)):
+        job = client.submit(spec(agent, evals), resnet20_weights, mini_zip)
+        done[agent] = job["id"]
+    failing = client.submit(spec("uniform", 1, budget={"constraints": [{"resource": "latency", "value": 1e6}]}),
+                            resnet20_weights, mini_zip)
+    solo = client.submit(spec("uniform", 1, budget={"constraints": [{"resource": "flops", "ratio": 0.6}]}), resnet20_weights, mini_zip)
+    done["solo"] = solo["id"]
+    for job_id in [*done.values(), failing["id"]]:
+        client.wait(job_id, poll_s=0.5, timeout_s=600)
+    yield srv, key, client, done, failing["id"]
+    client.close()
+    srv.stop()
+
+
+def test_dashboard_shows_every_agent_and_updates_live(browser, seeded, mini_zip: Path, resnet20_weights: Path) -> None:
+    srv, key, client, done, failing = seeded
+    page = browser.new_page(viewport={"width": 1500, "height": 1800})
+    page.goto(f"{srv.url}/dashboard#key={key}&job={done['random']}")
+    page.wait_for_function("document.querySelector('#scatter .scatterlayer .trace') !== null", timeout=30000)
+    traces = page.evaluate("""() => document.getElementById('scatter').data
+        .filter(t => t.meta && t.meta.role === 'trials').map(t => ({agent: t.meta.agent, n: t.x.length}))""")
+    agents = {t["agent"]: t["n"] for t in traces}
+    assert set(agents) == {"uniform", "random", "sensitivity", "global"}  # the flops-0.6 job is another problem
+    assert agents["random"] == 4 and agents["uniform"] == 1 and agents["global"] == 1
+    assert agents["sensitivity"] == 1  # the scan's points are drawn in their own chart
+    sens_lines = page.evaluate("() => document.getElementById('sensitivity').data.length")
+    assert sens_lines >= 1
+    bars = page.evaluate("() => document.getElementById('ratios').data.map(t => t.name)")
+    assert len(bars) >= 4
+    budget_line = page.evaluate("() => document.getElementById('scatter').layout.shapes[0].x0")
+    assert budget_line == pytest.approx(0.5)
+    # the failed job is listed with its error
+    row = page.locator(f"tr[data-job='{failing}']")
+    assert "failed" in row.inner_text() and "not below the dense" in row.inner_text()
+    # a running job's progress moves without a reload
+    job = client.submit(spec("random", 30), resnet20_weights, mini_zip)
+    row = page.locator(f"tr[data-job='{job['id']}'] .progress-text")
+    row.wait_for(timeout=20000)
+    first = row.inner_text()
+    deadline = time.time() + 120
+    while time.time() < deadline and row.inner_text() == first:
+        time.sleep(0.5)
+    assert row.inner_text() != first
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+    client.cancel(job["id"])
+    csv = httpx.get(f"{srv.url}/v1/problems/{client.job(done['random'])['problem_key']}/export?format=csv",
+                    headers={"Authorization": f"Bearer {key}"})
+    assert csv.status_code == 200 and csv.text.splitlines()[0].startswith("job_id,agent,step")
+    page.close()
+
+
+def test_empty_state_and_key_prompt(browser, tmp_path: Path) -> None:
+    srv = Server(tmp_path / "empty")
+    srv.cli("db", "upgrade")
+    key = srv.cli("keys", "create").split()[-1]
+    srv.env["PRUNEPILOT_RUN_DISPATCHER"] = "0"
+    srv.start()
+    try:
+        page = browser.new_page()
+        page.goto(f"{srv.url}/dashboard")
+        page.locator("#keyform").wait_for(state="visible", timeout=15000)  # no key yet: asks for one
+        page.fill("#keyinput", key)
+        page.click("#keyform button")
+        page.locator("#jobs-empty").wait_for(state="visible", timeout=15000)
+        assert "No jobs yet" in page.inner_text("#jobs-empty")
+        assert page.locator("#problem").is_hidden()
+        page.close()
+        assert httpx.get(f"{srv.url}/static/plotly.min.js").status_code == 200  # served locally, no CDN
+        assert httpx.get(f"{srv.url}/static/../settings.py").status_code == 404
+    finally:
+        srv.stop()
+
+
+def test_one_agent_problem_renders(browser, seeded) -> None:
+    srv, key, client, done, _ = seeded
+    page = browser.new_page()
+    page.goto(f"{srv.url}/dashboard#key={key}&job={done['solo']}")
+    page.wait_for_function("document.querySelector('#scatter .scatterlayer .trace') !== null", timeout=30000)
+    roles = page.evaluate("() => document.getElementById('scatter').data.filter(t => t.meta && t.meta.role === 'trials').length")
+    assert roles == 1
+    assert page.locator("#finals tbody tr").count() == 1
+    assert "60%" in page.inner_text("#problem-title")
+    page.close()
