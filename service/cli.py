@@ -316,6 +316,91 @@ def download(job_id: str, out: Annotated[Path, typer.Option(help="directory")],
         console.print(f"saved {client.download(job_id, out, format)}")
 
 
+@app.command()
+def demo(
+    agent: Annotated[str, typer.Option(help="search agent")] = "optuna-tpe",
+    evaluations: Annotated[int, typer.Option(help="evaluation budget")] = 30,
+    finetune_epochs: Annotated[float, typer.Option(help="final fine-tune epochs")] = 1.0,
+    out: Annotated[Path, typer.Option(help="where the pruned model goes")] = Path("runs/demo"),
+    keep_serving: Annotated[bool, typer.Option("--serve", help="keep the service running afterwards (Ctrl-C stops it)")] = False,
+) -> None:
+    """End to end on the embedded default: start the service (SQLite + local Ray), submit ResNet-20 on
+    CIFAR-10-JPEG at 50 % FLOPs through the HTTP API, wait, download the model, print the results."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from .auth import create_key
+    from .client import Client
+    from .db.migrate import upgrade
+    from .pgserver import free_port
+
+    settings = get_settings()
+    weights = settings.shared_weights_dir / "resnet20-cifar10.th"
+    if not weights.is_file():
+        _fail(f"demo weights not found at {weights} (set PRUNEPILOT_SHARED_WEIGHTS_DIR)")
+    upgrade(settings.db_url)
+    _, secret = create_key(settings.db_url, "demo")
+    port = settings.port if _port_free(settings.host, settings.port) else free_port()
+    base = f"http://{settings.host}:{port}"
+    env = {**os.environ, "PRUNEPILOT_PORT": str(port)}
+    log_path = settings.data_dir / "demo-server.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    console.print(f"starting the service at {base} (data in {settings.data_dir}, log {log_path})")
+    with log_path.open("ab") as log:
+        server = subprocess.Popen([sys.executable, "-m", "prunepilot.service.cli", "serve", "--no-migrate"], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        client = Client(base, secret)
+        deadline = time.time() + 180
+        while True:
+            try:
+                client.http.get("/healthz").raise_for_status()
+                break
+            except Exception:  # noqa: BLE001 - not up yet
+                if server.poll() is not None or time.time() > deadline:
+                    _fail(f"the service did not start; see {log_path}")
+                time.sleep(0.5)
+        spec = {"arch": "resnet20", "dataset": "cifar10-jpeg", "agent": agent, "name": "demo",
+                "budget": {"constraints": [{"resource": "flops", "ratio": 0.5}]},
+                "search": {"max_evaluations": evaluations}, "finetune": {"epochs": finetune_epochs}}
+        job = client.submit(spec, weights)
+        console.print(f"submitted job {job['id']} ({agent}, {evaluations} evaluations, {finetune_epochs:g} epoch fine-tune)")
+        job = _progress_wait(client, job["id"])
+        if job["status"] != "succeeded":
+            _fail(f"job {job['status']}: {job.get('error')}")
+        target = client.download(job["id"], out / job["id"])
+        report = client.report(job["id"])
+        _print_final(report)
+        console.print(f"pruned model: {target.resolve()}  (prunepilot.compression.load_artifact)")
+        console.print(f"dashboard:    {base}/dashboard#key={secret}")
+        console.print(f"API key:      {secret}")
+        if keep_serving:
+            console.print("serving; Ctrl-C stops")
+            server.wait()
+        else:
+            console.print("the service stops now; `prunepilot serve` starts it again (same data, same key)")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
 def main() -> None:
     try:
         app()
