@@ -326,15 +326,11 @@ def demo(
 ) -> None:
     """End to end on the embedded default: start the service (SQLite + local Ray), submit ResNet-20 on
     CIFAR-10-JPEG at 50 % FLOPs through the HTTP API, wait, download the model, print the results."""
-    import os
-    import signal
-    import subprocess
-    import time
-
     from .auth import create_key
     from .client import Client
     from .db.migrate import upgrade
     from .pgserver import free_port
+    from .process import ServiceProcess
 
     settings = get_settings()
     weights = settings.shared_weights_dir / "resnet20-cifar10.th"
@@ -343,25 +339,11 @@ def demo(
     upgrade(settings.db_url)
     _, secret = create_key(settings.db_url, "demo")
     port = settings.port if _port_free(settings.host, settings.port) else free_port()
-    base = f"http://{settings.host}:{port}"
-    env = {**os.environ, "PRUNEPILOT_PORT": str(port)}
-    log_path = settings.data_dir / "demo-server.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    console.print(f"starting the service at {base} (data in {settings.data_dir}, log {log_path})")
-    with log_path.open("ab") as log:
-        server = subprocess.Popen([sys.executable, "-m", "prunepilot.service.cli", "serve", "--no-migrate"], env=env,
-                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    service = ServiceProcess(settings.data_dir, port=port, host=settings.host)
+    console.print(f"starting the service at {service.url} (data in {settings.data_dir}, log {service.log})")
     try:
-        client = Client(base, secret)
-        deadline = time.time() + 180
-        while True:
-            try:
-                client.http.get("/healthz").raise_for_status()
-                break
-            except Exception:  # noqa: BLE001 - not up yet
-                if server.poll() is not None or time.time() > deadline:
-                    _fail(f"the service did not start; see {log_path}")
-                time.sleep(0.5)
+        service.start(migrate=False)
+        client = Client(service.url, secret)
         spec = {"arch": "resnet20", "dataset": "cifar10-jpeg", "agent": agent, "name": "demo",
                 "budget": {"constraints": [{"resource": "flops", "ratio": 0.5}]},
                 "search": {"max_evaluations": evaluations}, "finetune": {"epochs": finetune_epochs}}
@@ -371,23 +353,19 @@ def demo(
         if job["status"] != "succeeded":
             _fail(f"job {job['status']}: {job.get('error')}")
         target = client.download(job["id"], out / job["id"])
-        report = client.report(job["id"])
-        _print_final(report)
+        _print_final(client.report(job["id"]))
         console.print(f"pruned model: {target.resolve()}  (prunepilot.compression.load_artifact)")
-        console.print(f"dashboard:    {base}/dashboard#key={secret}")
+        console.print(f"dashboard:    {service.url}/dashboard#key={secret}")
         console.print(f"API key:      {secret}")
         if keep_serving:
             console.print("serving; Ctrl-C stops")
-            server.wait()
+            service.wait()
         else:
             console.print("the service stops now; `prunepilot serve` starts it again (same data, same key)")
+    except RuntimeError as exc:
+        _fail(str(exc).splitlines()[0])
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
+        service.stop()
 
 
 def _port_free(host: str, port: int) -> bool:
