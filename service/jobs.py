@@ -27,6 +27,7 @@ from .db.engine import session_scope
 from .db.models import Job, Trial
 from .schemas import ACTIVE, TERMINAL, JobCreate, JobPublic, Links, TrialPublic
 from .settings import Settings
+from .storage import LocalArtifactStore
 from .uploads import StoredUpload, discard, store_stream, validate_dataset_zip, validate_weights
 from .workspace import BUILTIN_DATASETS
 
@@ -202,7 +203,7 @@ class JobService:
             art = repo.latest_artifact(s, job_id=job_id, kind="model")
             if job.status != "succeeded" or art is None:
                 raise NotReady(f"job {job_id} is {job.status}; the model can be downloaded once it has succeeded")
-            return Path(art.path)
+            return LocalArtifactStore(self.settings.artifacts_dir).open_dir(art.path)
 
     # ------------------------------------------------------------------ cancel
 

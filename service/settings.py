@@ -50,13 +50,16 @@ class Settings(BaseSettings):
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
 
+    artifacts_root: Path | None = Field(default=None, description="artifact store (shared storage on a cluster); default data_dir/artifacts")
+    uploads_root: Path | None = Field(default=None, description="uploaded weights and data sets (shared on a cluster); default data_dir/uploads")
+
     @property
     def artifacts_dir(self) -> Path:
-        return self.data_dir / "artifacts"
+        return self.artifacts_root or self.data_dir / "artifacts"
 
     @property
     def uploads_dir(self) -> Path:
-        return self.data_dir / "uploads"
+        return self.uploads_root or self.data_dir / "uploads"
 
     @property
     def db_url(self) -> str:

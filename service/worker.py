@@ -37,6 +37,7 @@ from .db.models import utcnow
 from .latency_store import SqlLatencyStore
 from .recorder import SqlTrialRecorder
 from .settings import Settings
+from .storage import LocalArtifactStore
 from .workspace import open_session
 
 log = logging.getLogger("prunepilot.worker")
@@ -153,11 +154,13 @@ def _execute(job_id: str, problem: dict[str, Any], settings: Settings) -> str:
               **final.report()}
     if table is not None:
         report["latency_table"] = table.summary()
+    store = LocalArtifactStore(settings.artifacts_dir)
     out = settings.artifacts_dir / job_id / "model"
     save_artifact(final.pruned.model, final.pruned.spec, out, report)
+    location = store.put(job_id, "model", out)
     weights_file = out / "model.safetensors"
     with session_scope(url) as s:
-        repo.add_artifact(s, job_id=job_id, kind="model", path=str(out), size_bytes=weights_file.stat().st_size,
+        repo.add_artifact(s, job_id=job_id, kind="model", path=location, size_bytes=weights_file.stat().st_size,
                           sha256=hashlib.sha256(weights_file.read_bytes()).hexdigest())
         repo.update_job(s, job_id=job_id, status="succeeded", result=report, finetune_progress=1.0, finished_at=utcnow())
     return "succeeded"
