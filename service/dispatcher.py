@@ -104,6 +104,9 @@ class Dispatcher:
                 continue
             if cancel:
                 continue
+            cap = self.settings.max_concurrent_jobs
+            if cap is not None and len(self.running) >= cap:
+                break
             cpus = self.settings.job_cpus
             self.running[job_id] = self._remote.options(num_cpus=cpus).remote(job_id, self.settings.model_dump(mode="json"))
         self._first_tick = False

@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(default=None, ge=1, description="CPUs of the embedded Ray (default: all)")
     worker_niceness: int | None = Field(default=None, ge=0, le=19,
                                         description="nice value of embedded Ray workers (Ray's default 15 keeps the API responsive)")
-    max_concurrent_jobs: int = Field(default=2, ge=1)
+    max_concurrent_jobs: int | None = Field(default=None, ge=1,
+                                            description="jobs handed to Ray at once (default: no cap, Ray queues by CPUs)")
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="largest accepted upload")
     max_zip_files: int = Field(default=200_000)
     max_zip_bytes: int = Field(default=4 * 1024**3, description="cap on a dataset zip's uncompressed size")
