@@ -177,6 +177,7 @@ class AMCAgent(Agent):
         self.ctx = ctx
         env = PruningEnv(ctx.evaluator, ctx.limits, reward=str(self.options.get("reward", "error")),
                          weights=self.options.get("weights"), fill=bool(self.options.get("fill", True)),
+                         budget_mode=str(self.options.get("budget_mode", "bound")),
                          evaluate=lambda ratios: self._evaluate(ctx, env, ratios))
         env.reset(seed=ctx.seed)
         env.action_space.seed(ctx.seed)

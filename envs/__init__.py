@@ -1,5 +1,5 @@
 """Gymnasium environments over the shared evaluator, for RL agents."""
 
-from .pruning_env import FEATURES, REWARDS, PruningEnv
+from .pruning_env import BUDGET_MODES, FEATURES, REWARDS, PruningEnv
 
-__all__ = ["FEATURES", "REWARDS", "PruningEnv"]
+__all__ = ["BUDGET_MODES", "FEATURES", "REWARDS", "PruningEnv"]

@@ -31,6 +31,11 @@ for FLOPs, params, size, and latency when a latency model is present. Optionally
 default on, our addition) the finished strategy is topped up with the channels rounding left
 unused before it is evaluated.
 
+``budget_mode="project"`` (our extension) replaces the per-step bound: the agent's actions are
+taken as a pruning *profile*, and at the end of the episode the least pruning along that profile
+that meets every budget is applied (the projection the Optuna agents use). Early layers then no
+longer decide, through the bound, how hard the last layers are forced.
+
 Rewards (``reward`` argument), with ``error = 1 - accuracy``:
 
 - ``error``: ``-error`` (AMC's resource-constrained reward; the budget is enforced by bounding);
@@ -55,6 +60,7 @@ from gymnasium import spaces
 from prunepilot.compression.budget import BudgetChecker
 
 REWARDS = ("error", "error-log-flops", "combined")
+BUDGET_MODES = ("bound", "project")
 FEATURES = ("index", "n", "c", "h", "w", "stride", "kernel", "flops", "reduced", "rest", "prev_action")
 
 EvaluateFn = Callable[[np.ndarray], Mapping[str, Any]]
@@ -76,9 +82,13 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         weights: Mapping[str, float] | None = None,
         evaluate: EvaluateFn | None = None,
         fill: bool = True,
+        budget_mode: str = "bound",
     ) -> None:
         if reward not in REWARDS:
             raise ValueError(f"unknown reward {reward!r}; choose one of {', '.join(REWARDS)}")
+        if budget_mode not in BUDGET_MODES:
+            raise ValueError(f"unknown budget mode {budget_mode!r}; choose one of {', '.join(BUDGET_MODES)}")
+        self.budget_mode = budget_mode
         self.evaluator = evaluator
         self.pruner = evaluator.pruner
         self.budget = BudgetChecker(evaluator, limits)
@@ -113,14 +123,20 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
     def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         t = self._t
         wanted = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, self.max_ratios[t]))
-        bound = self.budget.min_ratio(self._ratios, t)
+        bound = self.budget.min_ratio(self._ratios, t) if self.budget_mode == "bound" else 0.0
         applied = max(wanted, bound)
         self._ratios[t] = applied
         self._t += 1
         info: dict[str, Any] = {"layer": self.pruner.layers[t].name, "wanted": wanted, "applied": applied, "bound": bound}
         if self._t < self.n_layers:
             return self._obs(), 0.0, False, False, info
-        ratios = self.budget.fill(self._ratios) if self.fill else self._ratios.copy()
+        if self.budget_mode == "project":
+            # a profile with zeros cannot carry budget on those layers; give every layer a little
+            ratios = self.budget.project(np.maximum(self._ratios, 0.02), fill=self.fill)
+            if ratios is None:
+                ratios = self.budget.project(np.ones(self.n_layers), fill=self.fill)
+        else:
+            ratios = self.budget.fill(self._ratios) if self.fill else self._ratios.copy()
         outcome = dict(self._evaluate(ratios))
         reward = self.reward(outcome)
         self.last_outcome = outcome

@@ -33,7 +33,9 @@ def init_ray(settings: Settings) -> str:
     if settings.ray_address:
         ray.init(address=settings.ray_address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False)
         return f"cluster {settings.ray_address}"
-    ray.init(include_dashboard=False, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False,
+    # address="local": always a fresh embedded instance, never a cluster that `ray start` left
+    # recorded in /tmp/ray (it may be gone, or belong to someone else)
+    ray.init(address="local", include_dashboard=False, runtime_env=env, logging_level=logging.WARNING, log_to_driver=False,
              num_cpus=settings.ray_num_cpus)
     return "embedded"
 

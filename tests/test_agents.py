@@ -28,10 +28,15 @@ def ctx_for(ev: Evaluator, name: str, evals: int = 6, limits: dict[str, float] |
     return SearchContext(ev, limits or {"flops": 0.5}, SearchLimits(max_evaluations=evals), seed=0, agent=name, **kw)
 
 
+# Small settings so every agent finishes quickly; NetAdapt's schedule needs more (cheap) proposals.
+QUICK = {"sensitivity": (24, {}), "netadapt": (60, {"initial_reduction": 0.12, "short_steps": 1})}
+
+
 @pytest.mark.parametrize("name", sorted(AGENTS))
 def test_each_agent_meets_the_budget(evaluator: Evaluator, name: str) -> None:
-    ctx = ctx_for(evaluator, name, evals=24 if name == "sensitivity" else 6)
-    result = create_agent(name).search(ctx)
+    evals, options = QUICK.get(name, (6, {}))
+    ctx = ctx_for(evaluator, name, evals=evals)
+    result = create_agent(name, **options).search(ctx)
     assert result.best is not None and result.best.feasible
     assert result.best.metrics["macs_ratio"] <= 0.5
     assert result.trials <= ctx.search.max_evaluations

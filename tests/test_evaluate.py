@@ -96,3 +96,16 @@ def test_finetuning_improves_a_pruned_model(resnet20, mini_splits) -> None:
     after = accuracy(model, x, y)
     assert result.steps == 60
     assert after > before + 0.05
+
+
+def test_distillation_runs_and_needs_a_teacher(resnet20, mini_splits) -> None:
+    pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32)
+    model = pruner.prune(uniform_strategy(pruner.layer_names, 0.5)).model
+    norm = Normalizer(mini_splits.mean, mini_splits.std)
+    cfg = FinetuneConfig(steps=5, lr=0.01, batch_size=32, distill=True)
+    result = finetune(model, mini_splits.train, norm, cfg, teacher=copy.deepcopy(resnet20).eval())
+    assert result.steps == 5 and np.isfinite(result.final_loss)
+    from prunepilot.compression import PrunePilotError
+
+    with pytest.raises(PrunePilotError, match="teacher"):
+        finetune(model, mini_splits.train, norm, cfg)

@@ -38,9 +38,9 @@ def test_entries_are_monotone_enough(table20: LatencyTable) -> None:
             for j in range(len(couts)):
                 for i2 in range(i, len(cins)):
                     for j2 in range(j, len(couts)):
-                        # at least 2x the work should never be faster than 0.75x the time
+                        # twice the work or more may not run 40 % faster (medians of repeats absorb noise)
                         if cins[i2] * couts[j2] >= 2 * cins[i] * couts[j]:
-                            assert grid[i2, j2] >= 0.75 * grid[i, j], (cins[i], couts[j], cins[i2], couts[j2])
+                            assert grid[i2, j2] >= 0.6 * grid[i, j], (cins[i], couts[j], cins[i2], couts[j2])
 
 
 def test_lookup_interpolates_and_fails_clearly_outside(table20: LatencyTable) -> None:

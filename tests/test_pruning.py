@@ -112,3 +112,31 @@ def test_pruning_leaves_the_dense_model_untouched(resnet20) -> None:
     pruner.prune(uniform_strategy(pruner.layer_names, 0.6))
     after = resnet20.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "bn-scale", "taylor"])
+def test_every_importance_criterion_prunes(resnet20, mini_splits, criterion: str) -> None:
+    from prunepilot.compression.data import Normalizer
+
+    batch = None
+    if criterion == "taylor":
+        sub = mini_splits.train.subset(64, seed=0)
+        batch = (Normalizer(mini_splits.mean, mini_splits.std)(sub.images), sub.labels)
+    pruner = Pruner(resnet20, "resnet20", 10, 32, criterion=criterion, taylor_batch=batch)
+    scores = pruner.scores
+    assert [len(s) for s in scores] == [layer.c_out for layer in pruner.layers]
+    assert all(np.isfinite(s).all() and s.std() > 0 for s in scores)
+    pruned = pruner.prune(uniform_strategy(pruner.layer_names, 0.5))
+    assert pruned.model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+def test_criteria_choose_different_channels(resnet20, mini_splits) -> None:
+    l1 = Pruner(resnet20, "resnet20", 10, 32, criterion="l1").scores
+    bn = Pruner(resnet20, "resnet20", 10, 32, criterion="bn-scale").scores
+    keep = lambda s: set(np.argsort(-s)[: len(s) // 2])  # noqa: E731
+    assert any(keep(a) != keep(b) for a, b in zip(l1, bn))
+
+
+def test_taylor_without_a_batch_is_a_clear_error(resnet20) -> None:
+    with pytest.raises(StrategyError, match="taylor criterion needs a batch"):
+        Pruner(resnet20, "resnet20", 10, 32, criterion="taylor").scores  # noqa: B018

@@ -1,0 +1,129 @@
+"""Turn benchmarks/results/compare/ into docs/benchmarks.md's comparison section, JSON and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+PLOTS = DOCS / "img"
+BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
+
+
+def _load(problem_dir: Path) -> tuple[dict[str, list[dict]], dict[str, list[dict]], dict[str, Any] | None]:  # type: ignore[type-arg]
+    searches: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+    finals: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+    for p in sorted(problem_dir.glob("search-*.json")):
+        d = json.loads(p.read_text())
+        searches.setdefault(d["agent"], []).append(d)
+    dense = None
+    for p in sorted(problem_dir.glob("final-*.json")):
+        d = json.loads(p.read_text())
+        if p.name.startswith("final-dense"):
+            dense = d
+        else:
+            finals.setdefault(d["agent"], []).append(d)
+    return searches, finals, dense
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.2f}"
+    return f"{statistics.fmean(xs):.2f} ± {statistics.stdev(xs):.2f}"
+
+
+def _plots(problem: str, problem_dir: Path, searches: dict[str, list[dict]]) -> list[str]:  # type: ignore[type-arg]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for agent, runs in sorted(searches.items()):
+        run = min(runs, key=lambda r: r["seed"])
+        trials_file = problem_dir / f"trials-{agent}-s{run['seed']}.jsonl"
+        if not trials_file.is_file():
+            continue
+        best, xs, ys = -1.0, [], []
+        for line in trials_file.read_text().splitlines():
+            t = json.loads(line)
+            if t["feasible"] and t["kind"] in ("search", "proposal") and t["metrics"]["accuracy"] > best:
+                best = t["metrics"]["accuracy"]
+            if best >= 0:
+                xs.append(t["step"] + 1)
+                ys.append(best)
+        ax.step(xs, ys, where="post", label=agent)
+    ax.set_xlabel("evaluations")
+    ax.set_ylabel("best search accuracy within budget")
+    ax.set_title(f"ResNet-56, {problem} budget: best so far (validation, adaptive BN)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = PLOTS / f"compare-{problem}-best-so-far.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return [str(out.relative_to(DOCS))]
+
+
+def section(problem: str, problem_dir: Path, amc_paper: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    searches, finals, dense = _load(problem_dir)
+    if not searches:
+        return "", {}
+    dense_acc = dense["figures"]["dense_finetuned"]["accuracy"] if dense else None
+    lines = [f"### Problem: ResNet-56, {problem} budget", ""]
+    if dense:
+        d0, d1 = dense["figures"]["dense"], dense["figures"]["dense_finetuned"]
+        lines.append(f"Dense ResNet-56 on the 10,000 JPEG test images: {d0['accuracy']:.2%} as downloaded, "
+                     f"{d1['accuracy']:.2%} after the same fine-tune budget as the pruned models.")
+        lines.append("")
+    lines += ["| agent | runs | evaluations | best search acc. | final test acc. | drop vs dense FT (pt) | MACs | params | size "
+              "| latency b1 / b64 (ms) | speedup b1 / b64 | search time | forward share |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    summary: dict[str, Any] = {}
+    for agent in sorted(searches, key=lambda a: -max(s["best"]["accuracy"] for s in searches[a])):
+        s_runs = searches[agent]
+        f_runs = finals.get(agent, [])
+        accs = [f["figures"]["pruned"]["accuracy"] * 100 for f in f_runs]
+        drops = [dense_acc * 100 - a for a in accs] if dense_acc is not None else []
+        f0 = f_runs[0] if f_runs else None
+        lat = (f"{f0['figures']['pruned']['latency_ms'].get('1', float('nan')):.2f} / {f0['figures']['pruned']['latency_ms'].get('64', float('nan')):.1f}"
+               if f0 else "-")
+        spd = (f"{f0['latency_speedup'].get('1', float('nan')):.2f}x / {f0['latency_speedup'].get('64', float('nan')):.2f}x" if f0 else "-")
+        search_s = statistics.fmean(s["search_seconds_total"] for s in s_runs)
+        share = [s["forward_share"] for s in s_runs if s.get("forward_share")]
+        share_text = f"{statistics.fmean(share):.0%}" if share else "-"
+        costs = (f"{f0['macs_ratio']:.1%} | {f0['params_ratio']:.1%} | {f0['size_ratio']:.1%} | {lat} | {spd}" if f0
+                 else "- | - | - | - | -")
+        lines.append(
+            f"| {agent} | {len(s_runs)} | {s_runs[0]['evaluations']} | {_mean_sd([s['best']['accuracy'] * 100 for s in s_runs])} % "
+            f"| {_mean_sd(accs)} {'%' if accs else ''} | {_mean_sd(drops)} | {costs} | {search_s / 60:.0f} min | {share_text} |")
+        summary[agent] = {"search": s_runs, "final": f_runs}
+    lines += ["", "Reported elsewhere, not measured here (AMC paper, ResNet-56 on the original CIFAR-10 test set, 50 % FLOPs): "
+              f"dense {amc_paper['resnet56_dense_top1']} %, AMC {amc_paper['resnet56_50pct_flops_top1_after_ft']} % after fine-tuning "
+              f"({amc_paper['drop_pt']} pt drop).", ""]
+    for img in _plots(problem, problem_dir, searches):
+        lines.append(f"![best so far, {problem}]({img})")
+    lines.append("")
+    return "\n".join(lines), summary
+
+
+def write_report(root: Path, amc_paper: dict[str, Any]) -> None:
+    parts, blob = [], {}
+    for problem_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        text, summary = section(problem_dir.name, problem_dir, amc_paper)
+        if text:
+            parts.append(text)
+            blob[problem_dir.name] = summary
+    (root / "summary.json").write_text(json.dumps(blob, indent=2, default=str))
+    doc = DOCS / "benchmarks.md"
+    body = doc.read_text() if doc.exists() else "# Benchmarks\n\n" + BEGIN + "\n" + END + "\n"
+    if BEGIN not in body:
+        body += "\n" + BEGIN + "\n" + END + "\n"
+    head, rest = body.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    doc.write_text(head + BEGIN + "\n" + "\n".join(parts) + "\n" + END + tail)
+    print(f"written: {doc}, {root / 'summary.json'}")
