@@ -164,11 +164,6 @@ class SearchContext:
             return list(mapper(fn, shared, items))
         return [fn(shared, item) for item in items]
 
-    def remaining(self) -> int | None:
-        if self.search.max_evaluations is None:
-            return None
-        return self.search.max_evaluations - self.step
-
     def is_recorded(self, step: int) -> bool:
         return step in self._done
 

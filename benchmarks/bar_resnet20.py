@@ -19,7 +19,6 @@ import torch
 
 from prunepilot.agents import SearchContext, SearchLimits, create_agent
 from prunepilot.compression import Evaluator, Fidelity
-from prunepilot.compression.data import Normalizer
 from prunepilot.compression.evaluate import accuracy, recalibrate_batchnorm
 from prunepilot.compression.finalize import heldout_tensors
 from prunepilot.service.settings import get_settings

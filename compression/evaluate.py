@@ -295,7 +295,6 @@ class Evaluator:
         self.dense_model = copy.deepcopy(pruner.model).to(memory_format=torch.channels_last)
         self.dense_size = size_on_disk(self.dense_model)
         self.dense_buffers = sum(b.numel() for b in self.dense_model.buffers() if b.dtype.is_floating_point)
-        self._dense_latency_ms: float | None = None
         self.evaluations = 0  # real (uncached) evaluations
         self.forward_seconds = 0.0
         self.total_seconds = 0.0
@@ -307,16 +306,6 @@ class Evaluator:
         if key not in self._data:
             self._data[key] = EvalData.from_splits(self.splits, fidelity.val_images, fidelity.calib_images)
         return self._data[key]
-
-    @property
-    def dense_latency_ms(self) -> float | None:
-        if self.latency_model is not None:
-            return self.latency_model.dense_ms
-        if self.latency_mode == "measure":
-            if self._dense_latency_ms is None:
-                self._dense_latency_ms = measure_latency([self.dense_model], self.pruner.input_size, self.latency_batch)[0].median_ms
-            return self._dense_latency_ms
-        return None
 
     def estimate_size(self, params: int, buffers: int) -> int:
         """Safetensors size predicted from tensor counts (the header barely changes)."""

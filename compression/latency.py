@@ -306,12 +306,3 @@ def _bilinear(xs: np.ndarray, ys: np.ndarray, grid: np.ndarray, x: float, y: flo
     top = grid[i0, j0] * (1 - ty) + grid[i0, j1] * ty
     bottom = grid[i1, j0] * (1 - ty) + grid[i1, j1] * ty
     return top * (1 - tx) + bottom * tx
-
-
-def build_table(graph: PruningGraph, model: nn.Module, store: LatencyStore, batch_size: int = 1, threads: int = 2,
-                progress: Callable[[int, int], None] | None = None) -> LatencyTable:
-    """Build (measuring only what the store lacks) and calibrate a table."""
-    table = LatencyTable(graph, model, store, batch_size, threads)
-    table.build(progress=progress)
-    table.calibrate()
-    return table

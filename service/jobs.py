@@ -12,7 +12,6 @@ from typing import Any, BinaryIO
 from prunepilot.agents import AGENTS
 from prunepilot.compression import (
     BudgetError,
-    DataError,
     PrunePilotError,
     PruningConstraints,
     arch_info,
@@ -222,11 +221,3 @@ class JobService:
             s.flush()
             s.refresh(job)
             return to_public(job)
-
-
-def resolve_dataset(problem: dict[str, Any]) -> str:
-    return str(problem["dataset_path"])
-
-
-__all__ = ["DataError", "InvalidJob", "JobService", "NotFound", "NotReady", "UploadedFile", "check_budget", "links",
-           "problem_key", "resolve_dataset", "to_public", "trial_public"]

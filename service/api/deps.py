@@ -14,10 +14,6 @@ from ..settings import Settings
 bearer = HTTPBearer(auto_error=False, description="API key from `prunepilot keys create`")
 
 
-def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.settings
-
-
 def get_jobs(request: Request) -> JobService:
     return request.app.state.jobs
 
@@ -39,6 +35,5 @@ def owner_of(principal: Principal | None) -> int | None:
     return principal.key_id if principal is not None else None
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 PrincipalDep = Annotated[Principal | None, Depends(get_principal)]
