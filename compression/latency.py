@@ -185,26 +185,31 @@ class LatencyTable:
                 todo.append(item)
         return todo
 
-    def build(self, warmup: int = 5, repeats: int = 25, progress: Callable[[int, int], None] | None = None,
-              flush_every: int = 32, should_stop: Callable[[], bool] | None = None) -> int:
-        """Measure the missing entries; saved in batches, so an interrupted build resumes where it stopped."""
+    def build(self, warmup: int = 5, repeats: int = 24, progress: Callable[[int, int], None] | None = None,
+              flush_every: int = 32, should_stop: Callable[[], bool] | None = None, rounds: int = 3) -> int:
+        """Measure the missing entries; saved in batches, so an interrupted build resumes where it stopped.
+
+        Within a batch every entry is timed in ``rounds`` interleaved rounds and keeps the fastest
+        round's median: a burst of load from a neighbour then slows one round of many entries
+        instead of all samples of one entry, and the table does not record it.
+        """
         todo = self.missing()
-        pending: dict[str, tuple[float, int]] = {}
         done = 0
+        per_round = max(1, repeats // rounds)
         with torch_threads(self.threads):
-            for e, cin, cout, sig in todo:
+            for start in range(0, len(todo), flush_every):
                 if should_stop is not None and should_stop():
                     break
-                x = torch.randn(self.batch_size, cin, e.h, e.w)
-                pending[sig] = (_time_module(_probe_module(e, cin, cout), x, warmup, repeats), repeats)
-                done += 1
+                chunk = todo[start:start + flush_every]
+                probes = [(_probe_module(e, cin, cout), torch.randn(self.batch_size, cin, e.h, e.w)) for e, cin, cout, _ in chunk]
+                best = [float("inf")] * len(chunk)
+                for r in range(rounds):
+                    for i, (module, x) in enumerate(probes):
+                        best[i] = min(best[i], _time_module(module, x, warmup if r == 0 else 1, per_round))
+                self.store.put(self.device, {sig: (ms, per_round * rounds) for (*_, sig), ms in zip(chunk, best, strict=True)})
+                done += len(chunk)
                 if progress is not None:
                     progress(done, len(todo))
-                if len(pending) >= flush_every:
-                    self.store.put(self.device, pending)
-                    pending = {}
-        if pending:
-            self.store.put(self.device, pending)
         self.load()
         return done
 

@@ -90,12 +90,13 @@ def test_interrupted_build_resumes(resnet20, tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         def progress(done: int, total: int) -> None:
             calls.append(done)
-            if done == 40:
-                raise KeyboardInterrupt
+            if done == 48:
+                raise KeyboardInterrupt  # after the third batch of 16 was saved
         table.build(warmup=1, repeats=3, progress=progress, flush_every=16)
     total = len(unique(table))
-    assert len(table.missing()) == total - 32  # two full batches were saved before the interruption
-    assert table.build(warmup=1, repeats=3) == total - 32
+    assert calls == [16, 32, 48]
+    assert len(table.missing()) == total - 48  # every batch was saved before the interruption
+    assert table.build(warmup=1, repeats=3) == total - 48
 
 
 def test_sql_store_shares_entries(db_url: str, resnet20) -> None:
