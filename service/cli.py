@@ -190,6 +190,46 @@ def db_current() -> None:
     console.print(f"current: {current_revision(url)}  head: {head_revision(url)}")
 
 
+latency_app = typer.Typer(help="Per-device latency lookup tables.", no_args_is_help=True)
+app.add_typer(latency_app, name="latency")
+
+
+@latency_app.command("build")
+def latency_build(
+    arch: Annotated[str, typer.Option(help="architecture name")],
+    weights: Annotated[Path | None, typer.Option(help="weights (their shapes decide the layers; optional)")] = None,
+    input_size: Annotated[int | None, typer.Option(help="input resolution (default: the architecture's)")] = None,
+    batch: Annotated[int, typer.Option(help="batch size the table is for")] = 1,
+) -> None:
+    """Measure (or reuse) the table for this machine, stored in the database; Ctrl-C keeps what was measured."""
+    import torch
+    from tqdm import tqdm
+
+    from prunepilot.compression.latency import LatencyTable
+
+    from .db.migrate import ensure_current
+    from .latency_store import SqlLatencyStore
+
+    settings = get_settings()
+    ensure_current(settings.db_url)
+    torch.set_num_threads(settings.threads)
+    if weights is not None:
+        from .workspace import load_user_model
+
+        model, _ = load_user_model(arch, weights)
+    else:
+        model = build_model(arch)
+    graph = PruningGraph(model, input_size or arch_info(arch).input_size)
+    table = LatencyTable(graph, model, SqlLatencyStore(settings.db_url), batch, settings.threads)
+    todo = len(table.missing())
+    with tqdm(total=todo, desc="measuring layers", unit="entry", disable=todo == 0) as bar:
+        table.build(progress=lambda done, total: bar.update(done - bar.n))
+    table.calibrate()
+    info = table.summary()
+    console.print(f"{arch}: {info['entries']} entries on {info['device']} ({todo} measured now); dense {info['dense_ms']:.2f} ms "
+                  f"= {info['remainder_ms']:.2f} ms fixed + {info['scale']:.2f} x layer entries")
+
+
 keys_app = typer.Typer(help="API keys (bearer tokens).", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -239,9 +279,12 @@ def serve(
     from .app import create_app
     from .db.migrate import upgrade
 
+    from .db.migrate import ensure_current
+
     settings = get_settings()
     if migrate:
         upgrade(settings.db_url)
+    ensure_current(settings.db_url)  # a clear one-line error instead of a failed startup
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="warning")
 
 

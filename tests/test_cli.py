@@ -76,3 +76,18 @@ def test_wrong_and_missing_weights(resnet56_weights: Path, tmp_path: Path, cli_e
     r = run_cli("prune", "--arch", "resnet20", "--weights", str(tmp_path / "none.th"), "--uniform", "0.5", "--out", str(tmp_path / "o"),
                 env_extra=cli_env)
     assert r.returncode == 2 and "weights file not found" in r.stderr
+
+
+def test_serve_refuses_an_unmigrated_database(tmp_path: Path, cli_env) -> None:
+    r = run_cli("serve", "--no-migrate", env_extra=cli_env)
+    assert r.returncode == 2 and "not migrated" in r.stderr and "prunepilot db upgrade" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_latency_table_cli_builds_then_reuses(tmp_path: Path, cli_env) -> None:
+    assert run_cli("db", "upgrade", env_extra=cli_env).returncode == 0
+    first = run_cli("latency", "build", "--arch", "resnet20", env_extra=cli_env)
+    assert first.returncode == 0, first.stderr
+    assert "measured now" in first.stdout and "(0 measured now)" not in first.stdout
+    again = run_cli("latency", "build", "--arch", "resnet32", env_extra=cli_env)  # same layer signatures
+    assert again.returncode == 0 and "(0 measured now)" in again.stdout
