@@ -26,7 +26,7 @@ from prunepilot.service.workspace import open_session
 
 RESULTS = Path(__file__).parent / "results" / "bar_resnet20.json"
 VARIANTS = {"uniform": ("uniform", {}), "random": ("random", {}), "optuna-tpe": ("optuna-tpe", {}),
-            "optuna-nsga2": ("optuna-nsga2", {}), "amc": ("amc", {}), "amc-project": ("amc", {"budget_mode": "project"})}
+            "optuna-nsga2": ("optuna-nsga2", {}), "amc": ("amc", {}), "amc-bound": ("amc", {"budget_mode": "bound"})}
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from .problem import RESOURCES, Budget, Constraint, parse_constraint
 from .pruning import PrunedModel, Pruner
 from .spec import ArchSpec, build_from_spec
 from .strategy import PruningConstraints, Strategy, from_vector, to_vector, uniform_strategy, validate_strategy
-from .zoo import architectures, arch_info, build_model, load_model, load_weights, read_state_dict
+from .zoo import arch_info, architectures, build_model, load_model, load_weights, read_state_dict
 
 __all__ = [
     "ArchSpec", "Budget", "BudgetError", "CRITERIA", "Constraint", "DataError", "DataSplits", "Evaluator", "FORMATS",

@@ -145,7 +145,7 @@ def accuracy(
     correct = 0
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            logits = timer.run(lambda: net(images[i: i + batch_size]))
+            logits = timer.run(lambda i=i: net(images[i: i + batch_size]))
             correct += int((logits.argmax(1) == labels[i: i + batch_size]).sum())
     return correct / max(1, len(images))
 
@@ -163,7 +163,7 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
     model.train()
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
-            timer.run(lambda: model(images[i: i + batch_size]))
+            timer.run(lambda i=i: model(images[i: i + batch_size]))
     for m, mom in zip(bns, saved, strict=True):
         m.momentum = mom
     model.eval()
@@ -229,8 +229,8 @@ def reconstruct_next_layers(
             for i in range(0, len(images), 128):
                 batch = images[i: i + 128]
                 picks.clear()
-                timer.run(lambda: dense(batch))
-                timer.run(lambda: pruned(batch))
+                timer.run(lambda batch=batch: dense(batch))
+                timer.run(lambda batch=batch: pruned(batch))
     finally:
         for h in handles:
             h.remove()

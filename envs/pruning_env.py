@@ -101,9 +101,9 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
         layers = self.pruner.layers
         self.n_layers = len(layers)
         self.max_ratios = self.budget.max_ratios.astype(np.float32)
-        static = np.array([[l.c_out, l.c_in, l.h, l.w, l.stride, l.kernel] for l in layers], dtype=np.float64)
+        static = np.array([[x.c_out, x.c_in, x.h, x.w, x.stride, x.kernel] for x in layers], dtype=np.float64)
         self._static = np.stack([_minmax(static[:, j]) for j in range(static.shape[1])], axis=1)
-        self._group_flops = np.array([l.group_flops for l in layers], dtype=np.float64)
+        self._group_flops = np.array([x.group_flops for x in layers], dtype=np.float64)
         self._dense_macs = float(self.pruner.graph.dense_macs)
         self._layer_flops = self._group_flops / max(self._group_flops.max(), 1.0)
         self.observation_space = spaces.Box(0.0, 1.0, shape=(len(FEATURES),), dtype=np.float32)

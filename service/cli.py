@@ -277,9 +277,7 @@ def serve(
     import uvicorn
 
     from .app import create_app
-    from .db.migrate import upgrade
-
-    from .db.migrate import ensure_current
+    from .db.migrate import ensure_current, upgrade
 
     settings = get_settings()
     if migrate:

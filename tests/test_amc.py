@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 from gymnasium.utils.env_checker import check_env
+from helpers.synthetic import SyntheticEvaluator
 
 from prunepilot.agents import MemoryRecorder, SearchContext, SearchLimits, create_agent
 from prunepilot.agents.amc import EpisodeRewardBuffer, truncated_normal
 from prunepilot.compression import Evaluator, Fidelity, Pruner, build_model
 from prunepilot.envs import FEATURES, PruningEnv
-
-from helpers.synthetic import SyntheticEvaluator
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +148,15 @@ def test_amc_resumes_from_its_saved_state(synth20, tmp_path) -> None:
     assert [t.step for t in rec.trials] == list(range(12))  # nothing redone, nothing lost
     assert result.best.accuracy >= best_before.accuracy
     assert again.best is result.best
+
+
+def test_amc_projects_by_default_and_starts_from_uniform(synth20) -> None:
+    ctx = SearchContext(synth20, {"flops": 0.5}, SearchLimits(max_evaluations=5), seed=0, agent="amc")
+    create_agent("amc", warmup=2, updates_per_step=3).search(ctx)
+    uni = SearchContext(synth20, {"flops": 0.5}, SearchLimits(max_evaluations=1), seed=0, agent="uniform")
+    create_agent("uniform").search(uni)
+    trials = ctx.recorder.existing()
+    assert trials[0].metrics["kept"] == uni.recorder.existing()[0].metrics["kept"]  # episode 0 is the uniform strategy
+    assert len({tuple(t.metrics["kept"]) for t in trials}) > 1  # later episodes explore
+    # projection lands every episode on the budget line, not below it as bounding often does
+    assert all(0.48 <= t.metrics["macs_ratio"] <= 0.5 for t in trials)

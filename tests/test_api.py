@@ -14,13 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from server import Server
 
 from prunepilot.compression import count_macs, load_artifact
 from prunepilot.compression.evaluate import accuracy
 from prunepilot.compression.finalize import heldout_tensors
 from prunepilot.service.client import ApiError, Client
-
-from server import Server
 
 pytestmark = pytest.mark.slow
 

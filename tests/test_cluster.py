@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import pytest
+from pg import postgres_server
 
 from prunepilot.service.client import Client
 from prunepilot.service.pgserver import free_port
 from prunepilot.service.process import ServiceProcess
-
-from pg import postgres_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from prunepilot.service.client import Client
-
 from pg import require_or_skip
 from server import Server
+
+from prunepilot.service.client import Client
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

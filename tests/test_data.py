@@ -98,6 +98,6 @@ def test_augment_keeps_shape_and_content(mini_splits) -> None:
     assert (out.flatten(1).long().sum(1) <= batch.flatten(1).long().sum(1)).all()
     # without padding every output is the image itself or its mirror, and both occur
     flips = augment(batch, torch.Generator().manual_seed(1), pad=0)
-    same = [torch.equal(f, b) for f, b in zip(flips, batch)]
-    mirrored = [torch.equal(f, b.flip(-1)) for f, b in zip(flips, batch)]
-    assert all(s or m for s, m in zip(same, mirrored)) and any(same) and any(mirrored)
+    same = [torch.equal(f, b) for f, b in zip(flips, batch, strict=True)]
+    mirrored = [torch.equal(f, b.flip(-1)) for f, b in zip(flips, batch, strict=True)]
+    assert all(s or m for s, m in zip(same, mirrored, strict=True)) and any(same) and any(mirrored)

@@ -134,7 +134,7 @@ def test_criteria_choose_different_channels(resnet20, mini_splits) -> None:
     l1 = Pruner(resnet20, "resnet20", 10, 32, criterion="l1").scores
     bn = Pruner(resnet20, "resnet20", 10, 32, criterion="bn-scale").scores
     keep = lambda s: set(np.argsort(-s)[: len(s) // 2])  # noqa: E731
-    assert any(keep(a) != keep(b) for a, b in zip(l1, bn))
+    assert any(keep(a) != keep(b) for a, b in zip(l1, bn, strict=True))
 
 
 def test_taylor_without_a_batch_is_a_clear_error(resnet20) -> None:
