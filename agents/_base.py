@@ -240,8 +240,14 @@ class Agent(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # Options the agent reads; anything else is a typo the user should hear about, not a silent no-op.
+    option_names: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - self.option_names - {"map"})
+        if unknown:
+            allowed = ", ".join(sorted(self.option_names)) or "none"
+            raise PrunePilotError(f"unknown option(s) for agent {self.name!r}: {', '.join(unknown)}; allowed: {allowed}")
         self.options = options
 
     @abstractmethod

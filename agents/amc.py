@@ -175,6 +175,8 @@ class _EpisodeHook(BaseCallback):
 
 class AMCAgent(Agent):
     name = "amc"
+    option_names = frozenset({"episodes", "warmup", "sigma", "noise_decay", "reward", "weights", "fill", "budget_mode",
+                              "actor_lr", "critic_lr", "uniform_first", "updates_per_step"})
     description = ("AMC: DDPG over per-layer ratios (He et al. 2018), budget met by projection (or AMC's action bounding), "
                    "reward from adaptive-BN accuracy")
 

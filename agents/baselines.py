@@ -85,6 +85,7 @@ class SensitivityAgent(Agent):
     """
 
     name = "sensitivity"
+    option_names = frozenset({"points"})
     description = "per-layer sensitivity curves, ratios chosen by an accuracy-drop threshold that meets the budget"
 
     def search(self, ctx: SearchContext) -> SearchResult:

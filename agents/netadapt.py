@@ -82,6 +82,7 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
 
 class NetAdaptAgent(Agent):
     name = "netadapt"
+    option_names = frozenset({"initial_reduction", "decay", "short_steps", "lr", "batch_size"})
     description = "NetAdapt: iterative per-layer proposals from a latency lookup table, short fine-tune each, keep the best"
 
     def search(self, ctx: SearchContext) -> SearchResult:

@@ -47,6 +47,7 @@ def _set_overshoot(trial: optuna.Trial, names: list[str], overshoot: list[float]
 
 
 class _OptunaAgent(Agent):
+    option_names = frozenset({"storage", "study_name"})
     directions: list[str]
 
     def _sampler(self, ctx: SearchContext) -> optuna.samplers.BaseSampler:
@@ -119,6 +120,7 @@ class _OptunaAgent(Agent):
 
 class OptunaTPEAgent(_OptunaAgent):
     name = "optuna-tpe"
+    option_names = _OptunaAgent.option_names | {"startup"}
     description = "Optuna TPE (multivariate) over per-layer profiles projected onto the budget; uniform enqueued first"
     directions = ["maximize"]
 
@@ -148,6 +150,7 @@ class OptunaNSGA2Agent(_OptunaAgent):
     """
 
     name = "optuna-nsga2"
+    option_names = _OptunaAgent.option_names | {"population"}
     description = "Optuna NSGA-II: Pareto front of accuracy vs the budgeted resources, best point within budget"
 
     @property

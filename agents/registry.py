@@ -22,8 +22,8 @@ def agent_names() -> list[str]:
     return list(AGENTS)
 
 
-def describe_agents() -> list[dict[str, str]]:
-    return [{"name": name, "description": cls.description} for name, cls in AGENTS.items()]
+def describe_agents() -> list[dict[str, Any]]:
+    return [{"name": name, "description": cls.description, "options": sorted(cls.option_names)} for name, cls in AGENTS.items()]
 
 
 def create_agent(name: str, **options: Any) -> Agent:

@@ -26,7 +26,8 @@ from prunepilot.service.workspace import open_session
 
 RESULTS = Path(__file__).parent / "results" / "bar_resnet20.json"
 VARIANTS = {"uniform": ("uniform", {}), "random": ("random", {}), "optuna-tpe": ("optuna-tpe", {}),
-            "optuna-nsga2": ("optuna-nsga2", {}), "amc": ("amc", {}), "amc-bound": ("amc", {"budget_mode": "bound"})}
+            "optuna-nsga2": ("optuna-nsga2", {}), "amc": ("amc", {}), "amc-bound": ("amc", {"budget_mode": "bound"}),
+            "amc-x4": ("amc", {"updates_per_step": 4})}
 
 
 def main() -> None:

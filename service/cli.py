@@ -311,12 +311,23 @@ def _progress_wait(client, job_id: str) -> dict:  # type: ignore[no-untyped-def]
         return client.wait(job_id, poll_s=1.0, on_update=update)
 
 
+def _agent_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise typer.BadParameter(f"expected KEY=VALUE, got {text!r}", param_hint="--option")
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
 @app.command()
 def submit(
     arch: Annotated[str, typer.Option(help="architecture name")],
     weights: Annotated[Path, typer.Option(help="state dict or safetensors")],
     budget: Annotated[list[str], typer.Option(help="e.g. flops=0.5, latency=8ms, size=1MB (repeatable)")],
     agent: Annotated[str, typer.Option(help="search agent")] = "optuna-tpe",
+    option: Annotated[list[str] | None, typer.Option(help="agent option KEY=VALUE, value as JSON or text (repeatable)")] = None,
     data: Annotated[str, typer.Option(help="cifar10-jpeg or a path to an ImageFolder zip")] = "cifar10-jpeg",
     evaluations: Annotated[int, typer.Option(help="evaluation budget of the search")] = 60,
     finetune_epochs: Annotated[float, typer.Option(help="final fine-tune epochs")] = 1.0,
@@ -329,7 +340,8 @@ def submit(
     from prunepilot.compression import parse_constraint
 
     constraints = [parse_constraint(b).model_dump(exclude_none=True) for b in budget]
-    spec = {"arch": arch, "agent": agent, "budget": {"constraints": constraints}, "search": {"max_evaluations": evaluations},
+    options = dict(_agent_option(o) for o in option or [])
+    spec = {"arch": arch, "agent": agent, "agent_options": options, "budget": {"constraints": constraints}, "search": {"max_evaluations": evaluations},
             "finetune": {"epochs": finetune_epochs}, "dataset": "cifar10-jpeg" if data == "cifar10-jpeg" else "upload", "name": name}
     with _client(url, key) as client:
         job = client.submit(spec, weights, None if data == "cifar10-jpeg" else data)

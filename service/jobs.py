@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from prunepilot.agents import AGENTS
+from prunepilot.agents import AGENTS, create_agent
 from prunepilot.compression import (
     BudgetError,
     PrunePilotError,
@@ -117,6 +117,10 @@ class JobService:
     def submit(self, owner_id: int | None, spec: JobCreate, weights: UploadedFile, dataset: UploadedFile | None = None) -> JobPublic:
         if spec.agent not in AGENTS:
             raise InvalidJob(f"unknown agent {spec.agent!r}; available: {', '.join(AGENTS)}")
+        try:
+            create_agent(spec.agent, **spec.agent_options)
+        except PrunePilotError as exc:
+            raise InvalidJob(str(exc)) from None
         info = arch_info(spec.arch)
         if spec.dataset not in BUILTIN_DATASETS and spec.dataset != "upload":
             raise InvalidJob(f"unknown dataset {spec.dataset!r}; use {', '.join(BUILTIN_DATASETS)} or 'upload' with a dataset zip")

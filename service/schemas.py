@@ -72,7 +72,7 @@ class JobCreate(BaseModel):
     dataset: str = Field(default="cifar10-jpeg", description="cifar10-jpeg, or 'upload' with a dataset zip in the request")
     budget: Budget
     agent: str = Field(default="optuna-tpe", description="agent name from GET /v1/agents")
-    agent_options: dict[str, Any] = Field(default_factory=dict)
+    agent_options: dict[str, Any] = Field(default_factory=dict, description="agent settings; names per agent from GET /v1/agents")
     search: SearchSpec = Field(default_factory=SearchSpec)
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
@@ -169,6 +169,7 @@ class ArchPublic(BaseModel):
 class AgentPublic(BaseModel):
     name: str
     description: str
+    options: list[str] = Field(default_factory=list, description="names accepted in a job's agent_options")
 
 
 class Health(BaseModel):

@@ -131,14 +131,16 @@ def test_optuna_resumes_a_study_after_the_process_is_killed(tmp_path: Path, mini
     while time.time() < deadline:
         with session_scope(url) as s:
             _, n = repo.list_trials(s, job_id="job1")
-        if n >= 4:
+        if n >= 4 or proc.poll() is not None:
             break
         time.sleep(0.2)
+    finished_early = proc.poll()
     os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up, like a dead worker
-    proc.wait(30)
+    _, err = proc.communicate(timeout=30)
     with session_scope(url) as s:
         _, killed_at = repo.list_trials(s, job_id="job1")
-    assert 4 <= killed_at < 10
+    assert finished_early is None, f"the search process exited (rc {finished_early}) before it was killed: {err[-2000:]}"
+    assert 4 <= killed_at < 10, f"{killed_at} trials when killed; stderr: {err[-2000:]}"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -151,3 +153,12 @@ def test_optuna_resumes_a_study_after_the_process_is_killed(tmp_path: Path, mini
     assert len(complete) == 10
     assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     assert sorted(t.user_attrs["step"] for t in complete) == list(range(10))
+
+
+def test_unknown_agent_options_are_rejected_by_name() -> None:
+    with pytest.raises(PrunePilotError, match=r"unknown option\(s\) for agent 'amc': budget_mod; allowed: .*budget_mode"):
+        create_agent("amc", budget_mod="bound")
+    with pytest.raises(PrunePilotError, match="agent 'uniform'.*allowed: none"):
+        create_agent("uniform", points=3)
+    for name, cls in AGENTS.items():  # every declared option is accepted
+        assert create_agent(name, **{o: None for o in cls.option_names}).options.keys() == cls.option_names
