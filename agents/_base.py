@@ -244,7 +244,7 @@ class Agent(ABC):
     option_names: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **options: Any) -> None:
-        unknown = sorted(set(options) - self.option_names - {"map"})
+        unknown = sorted(set(options) - self.option_names)
         if unknown:
             allowed = ", ".join(sorted(self.option_names)) or "none"
             raise PrunePilotError(f"unknown option(s) for agent {self.name!r}: {', '.join(unknown)}; allowed: {allowed}")
