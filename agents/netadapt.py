@@ -9,6 +9,10 @@ proposal is fine-tuned briefly (``short_steps`` SGD steps) and scored on the val
 the best one becomes the current network, fine-tuned weights included. The loop stops when the
 budget is met; the long fine-tune happens in the job's final phase.
 
+A latency budget is met by prediction first; then the network is measured against the dense model
+(``verify_latency``, on by default). If it is over budget, the internal limit tightens by the
+measured overshoot and the loop goes on (at most three checks), so the result holds as measured.
+
 Proposals of one iteration are independent, so they go through ``ctx.map`` (Ray in the service).
 After every iteration the current network and the iteration number are saved, so a restarted job
 resumes from its last completed iteration; proposals already recorded are not evaluated again.
@@ -29,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prunepilot.compression import FinetuneConfig, Metrics, PrunePilotError, Pruner, PruningConstraints, finetune
+from prunepilot.compression import FinetuneConfig, Metrics, PrunePilotError, Pruner, PruningConstraints, finetune, measure_latency
 from prunepilot.compression.evaluate import EvalData, accuracy, recalibrate_batchnorm
 from prunepilot.compression.spec import ArchSpec, build_from_spec
 
@@ -82,7 +86,7 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
 
 class NetAdaptAgent(Agent):
     name = "netadapt"
-    option_names = frozenset({"initial_reduction", "decay", "short_steps", "lr", "batch_size"})
+    option_names = frozenset({"initial_reduction", "decay", "short_steps", "lr", "batch_size", "verify_latency"})
     description = "NetAdapt: iterative per-layer proposals from a latency lookup table, short fine-tune each, keep the best"
 
     def search(self, ctx: SearchContext) -> SearchResult:
@@ -105,8 +109,27 @@ class NetAdaptAgent(Agent):
         else:
             iteration, kept, model, spec = state
         started = time.perf_counter()
-        history = []
-        while not self._within(ctx, kept):
+        history: list[dict[str, Any]] = []
+        # The loop steers by the table's prediction; the budget is about real latency. When they
+        # disagree at the end, tighten the internal limit by the measured overshoot and go on.
+        self._limits = dict(ctx.limits)
+        verify = ("latency" in ctx.limits and bool(opts.get("verify_latency", True))
+                  and getattr(ctx.evaluator, "latency_model", None) is not None)
+        final = None
+        checks = 0
+        while True:
+            if self._within(ctx, kept):
+                if not verify or checks >= 3 or ctx.exhausted():
+                    break
+                measured = self._measured_ratio(ctx, model)
+                predicted = ctx.evaluator.resources(kept)["latency"]
+                history.append({"iteration": iteration, "check": checks, "predicted_latency": predicted, "measured_latency": measured})
+                checks += 1
+                if measured <= ctx.limits["latency"] * 1.01:
+                    break
+                self._limits["latency"] = predicted * ctx.limits["latency"] / measured
+                log.info("NetAdapt: measured latency %.1f%% of dense vs %.1f%% predicted; internal limit now %.1f%%",
+                         100 * measured, 100 * predicted, 100 * self._limits["latency"])
             ctx.check_cancel()
             if ctx.exhausted():
                 break
@@ -145,6 +168,7 @@ class NetAdaptAgent(Agent):
             spec = ArchSpec.from_dict(new_spec)
             model = build_from_spec(spec, weights)
             kept = np.array(props[best_j].kept)
+            final = trials[best_j]
             history.append({"iteration": iteration, "layer": ctx.layer_names[props[best_j].layer], "accuracy": acc,
                             resource: ctx.resources(1.0 - kept / dense_channels)[resource]})
             iteration += 1
@@ -152,23 +176,37 @@ class NetAdaptAgent(Agent):
         if ctx.best is None:
             raise PrunePilotError("NetAdapt stopped before reaching the budget; raise the evaluation or time limit")
         result = ctx.result(iterations=iteration, history=history, seconds=time.perf_counter() - started,
-                            final_within_budget=self._within(ctx, kept))
-        if ctx.best is not None and list(ctx.best.metrics.get("kept", [])) == [int(k) for k in kept]:
+                            final_within_budget=self._within(ctx, kept), latency_checks=checks)
+        if final is not None and final.feasible:
+            # NetAdapt's answer is the network it ended with, not the most accurate network that
+            # met the prediction on the way (after a latency check that is a bigger one)
+            result.best = final
+        if result.best is not None and list(result.best.metrics.get("kept", [])) == [int(k) for k in kept]:
             result.model = model  # the adapted network itself, short fine-tunes included
         return result
+
+    def _measured_ratio(self, ctx: SearchContext, model: nn.Module) -> float:
+        """The adapted network's latency as a share of dense: three interleaved rounds, median ratio."""
+        table = ctx.evaluator.latency_model
+        batch, threads = int(getattr(table, "batch_size", 1)), getattr(table, "threads", None)
+        ratios = []
+        for _ in range(3):
+            dense, mine = measure_latency([ctx.pruner.model, model], ctx.pruner.input_size, batch, threads, warmup=5, repeats=60)
+            ratios.append(mine.median_ms / dense.median_ms)
+        return float(np.median(ratios))
 
     # ------------------------------------------------------------------ pieces
 
     def _within(self, ctx: SearchContext, kept: np.ndarray) -> bool:
         res = ctx.evaluator.resources(kept)
-        return all(res[r] <= lim * (1 + 1e-9) for r, lim in ctx.limits.items())
+        return all(res[r] <= lim * (1 + 1e-9) for r, lim in self._limits.items())
 
     def _target(self, ctx: SearchContext, kept: np.ndarray, iteration: int) -> tuple[str, float]:
         """The most-overshot resource drives this iteration; its target shrinks by a decaying step."""
         res = ctx.evaluator.resources(kept)
-        resource = max(ctx.limits, key=lambda r: res[r] / ctx.limits[r])
+        resource = max(self._limits, key=lambda r: res[r] / self._limits[r])
         reduction = self.initial * self.decay**iteration
-        return resource, max(ctx.limits[resource], res[resource] - reduction)
+        return resource, max(self._limits[resource], res[resource] - reduction)
 
     def _reachable(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str) -> float | None:
         best = None

@@ -12,8 +12,10 @@ JSON file under benchmarks/results/compare/<problem>/, which later runs skip.
     python benchmarks/compare_agents.py finetune --problem flops   [--epochs 3]
     python benchmarks/compare_agents.py report   # docs/benchmarks.md section + JSON + PNG plots
 
-Problem ``flops``: 50 % of dense MACs. Problem ``latency``: 60 % of dense latency at batch 1 on
-this CPU (latency lookup table, measured at the end).
+Problem ``flops``: 50 % of dense MACs. Problem ``latency``: 70 % of dense latency at batch 1 on
+this CPU (latency lookup table, measured at the end). 70 %, not 60 %: with ResNet-56's prunable
+convs (each block's first) at the 80 % layer limit, the measured latency floor at batch 1 here is
+about 61 % of dense, so a 60 % budget is infeasible and would leave no room to search.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from prunepilot.service.workspace import open_session
 ROOT = Path(__file__).parent / "results" / "compare"
 ALL_AGENTS = ["uniform", "global", "random", "sensitivity", "optuna-tpe", "optuna-nsga2", "amc", "amc-bound", "netadapt"]
 CHEAP = {"uniform", "global", "random"}
-LIMITS = {"flops": {"flops": 0.5}, "latency": {"latency": 0.6}}
+LIMITS = {"flops": {"flops": 0.5}, "latency": {"latency": 0.7}}
 # Agent options for this benchmark (documented in docs/benchmarks.md).
 AGENT_OPTIONS: dict[str, dict[str, Any]] = {"netadapt": {"initial_reduction": 0.03, "decay": 0.98, "short_steps": 20}}
 # NetAdapt's schedule, not a count, decides how many proposals it scores (each with a short
@@ -129,10 +131,13 @@ def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], ne
             data = {
                 "agent": agent, "seed": seed, "problem": problem, "limits": LIMITS[problem], "evaluations": len(trials),
                 "search_seconds_this_run": wall, "search_seconds_total": sum(t.wall_time_s for t in trials),
-                "forward_share": (evaluator.forward_seconds - fwd0) / wall if wall > 0 else None,
+                # NetAdapt trains and scores its proposals itself, outside the evaluator's timer
+                "forward_share": (evaluator.forward_seconds - fwd0) / wall if wall > 0 and evaluator.forward_seconds > fwd0 else None,
                 "evaluation_share": (evaluator.total_seconds - tot0) / wall if wall > 0 else None,
                 "best": {"step": best.step, "accuracy": best.accuracy, "strategy": best.strategy, "metrics": best.metrics},
                 "pareto_steps": [t.step for t in result.pareto], "info": {k: v for k, v in result.info.items() if k != "history"},
+                # NetAdapt's measured-latency checks (predicted vs measured at each)
+                "latency_checks": [h for h in result.info.get("history", []) if "measured_latency" in h],
             }
             if result.model is not None:  # NetAdapt ends with its own fine-tuned network
                 from prunepilot.compression import save_artifact
@@ -142,7 +147,8 @@ def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], ne
                 data["model_dir"] = str(state / "final-model")
             out.write_text(json.dumps(data, indent=2, default=str))
             print(f"{agent} seed {seed}: best search acc {best.accuracy:.3f} at step {best.step}, {len(trials)} evaluations, "
-                  f"{wall:.0f} s, forward share {data['forward_share']:.0%}", flush=True)
+                  f"{wall:.0f} s, forward share " + (f"{data['forward_share']:.0%}" if data["forward_share"] is not None else "-"),
+                  flush=True)
 
 
 def run_finetune(problem: str, epochs: float, agents: list[str]) -> None:

@@ -40,7 +40,8 @@ def test_netadapt_meets_a_latency_budget_as_measured(setup, tmp_path) -> None:
     # as measured, interleaved with the dense model in one run
     final = result.model
     dense, pruned = measure_latency([ev.pruner.model, final], 32, batch_size=1, threads=2, warmup=10, repeats=200)
-    assert pruned.median_ms / dense.median_ms <= limit * 1.1
+    assert result.info["latency_checks"] >= 1  # the prediction was checked against a measurement
+    assert pruned.median_ms / dense.median_ms <= limit * 1.07
 
 
 def test_netadapt_resumes_without_redoing_recorded_proposals(setup, tmp_path) -> None:
