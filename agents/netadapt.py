@@ -33,8 +33,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from prunepilot.compression import FinetuneConfig, Metrics, PrunePilotError, Pruner, PruningConstraints, finetune, measure_latency
+from prunepilot.compression import FinetuneConfig, Metrics, PrunePilotError, Pruner, PruningConstraints, finetune
 from prunepilot.compression.evaluate import EvalData, accuracy, recalibrate_batchnorm
+from prunepilot.compression.measure import measure_pair
 from prunepilot.compression.spec import ArchSpec, build_from_spec
 
 from ._base import Agent, SearchContext, SearchResult
@@ -176,7 +177,7 @@ class NetAdaptAgent(Agent):
         if ctx.best is None:
             raise PrunePilotError("NetAdapt stopped before reaching the budget; raise the evaluation or time limit")
         result = ctx.result(iterations=iteration, history=history, seconds=time.perf_counter() - started,
-                            final_within_budget=self._within(ctx, kept), latency_checks=checks)
+                            final_within_budget=self._within(ctx, kept, ctx.limits), latency_checks=checks)
         if final is not None and final.feasible:
             # NetAdapt's answer is the network it ended with, not the most accurate network that
             # met the prediction on the way (after a latency check that is a bigger one)
@@ -189,17 +190,15 @@ class NetAdaptAgent(Agent):
         """The adapted network's latency as a share of dense: three interleaved rounds, median ratio."""
         table = ctx.evaluator.latency_model
         batch, threads = int(getattr(table, "batch_size", 1)), getattr(table, "threads", None)
-        ratios = []
-        for _ in range(3):
-            dense, mine = measure_latency([ctx.pruner.model, model], ctx.pruner.input_size, batch, threads, warmup=5, repeats=60)
-            ratios.append(mine.median_ms / dense.median_ms)
-        return float(np.median(ratios))
+        dense, mine = measure_pair(ctx.pruner.model, model, ctx.pruner.input_size, batch, threads, warmup=5, repeats=60)
+        return mine.median_ms / dense.median_ms
 
     # ------------------------------------------------------------------ pieces
 
-    def _within(self, ctx: SearchContext, kept: np.ndarray) -> bool:
+    def _within(self, ctx: SearchContext, kept: np.ndarray, limits: dict[str, float] | None = None) -> bool:
+        """Within the internal limits (tightened by latency checks), or within ``limits``."""
         res = ctx.evaluator.resources(kept)
-        return all(res[r] <= lim * (1 + 1e-9) for r, lim in self._limits.items())
+        return all(res[r] <= lim * (1 + 1e-9) for r, lim in (limits or self._limits).items())
 
     def _target(self, ctx: SearchContext, kept: np.ndarray, iteration: int) -> tuple[str, float]:
         """The most-overshot resource drives this iteration; its target shrinks by a decaying step."""

@@ -111,9 +111,7 @@ def _targets(problem: str, searches: dict[str, list[dict]], finals: dict[str, li
         if na:
             f = na[0]["figures"]
             ratio = f["pruned"]["latency_ms"]["1"] / f["dense"]["latency_ms"]["1"]
-        limit = na[0]["limits"]["latency"] if na and "limits" in na[0] else None
-        if limit is None and searches.get("netadapt"):
-            limit = searches["netadapt"][0]["limits"]["latency"]
+        limit = searches["netadapt"][0]["limits"]["latency"] if searches.get("netadapt") else None
         ok = None if ratio is None or limit is None else ratio <= limit
         measured = f" (measured {ratio:.1%} of dense at batch 1, interleaved with the dense model)" if ratio is not None else ""
         budget = f"the {limit:.0%} latency budget" if limit is not None else "the latency budget"

@@ -20,7 +20,7 @@ from torch import nn
 from .data import DataSplits, Normalizer
 from .evaluate import accuracy, recalibrate_batchnorm
 from .finetune import FinetuneConfig, StepCallback, finetune
-from .measure import count_macs, count_params, measure_latency, size_on_disk
+from .measure import count_macs, count_params, measure_pair, size_on_disk
 from .pruning import PrunedModel, Pruner
 
 
@@ -76,10 +76,7 @@ def paired_latency(a: nn.Module, b: nn.Module, input_size: int, batches: tuple[i
     la: dict[int, float] = {}
     lb: dict[int, float] = {}
     for bs in batches:
-        # three interleaved rounds, the round with the median ratio: one burst of load elsewhere
-        # on the machine cannot decide the figure
-        rounds = [measure_latency([a, b], input_size, bs, threads, warmup=3, repeats=60 if bs == 1 else 10) for _ in range(3)]
-        ra, rb = sorted(rounds, key=lambda r: r[1].median_ms / r[0].median_ms)[1]
+        ra, rb = measure_pair(a, b, input_size, bs, threads, warmup=3, repeats=60 if bs == 1 else 10)
         la[bs], lb[bs] = ra.median_ms, rb.median_ms
     return la, lb
 

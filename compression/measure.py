@@ -136,3 +136,21 @@ def measure_latency(
         q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
         out.append(Latency(statistics.median(ts), q[0], q[-1], batch_size, threads or torch.get_num_threads(), len(ts)))
     return out
+
+
+def measure_pair(
+    reference: nn.Module,
+    model: nn.Module,
+    input_size: int,
+    batch_size: int = 1,
+    threads: int | None = 2,
+    warmup: int = 3,
+    repeats: int = 60,
+    rounds: int = 3,
+) -> tuple[Latency, Latency]:
+    """``reference`` and ``model`` in ``rounds`` separate interleaved runs; returns the run whose
+    model/reference ratio is the median, so one burst of load elsewhere cannot decide the figure."""
+    runs = [measure_latency([reference, model], input_size, batch_size, threads, warmup=warmup, repeats=repeats)
+            for _ in range(rounds)]
+    ref, mine = sorted(runs, key=lambda r: r[1].median_ms / r[0].median_ms)[len(runs) // 2]
+    return ref, mine
