@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import gc
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,6 +19,7 @@ from .api import meta as meta_api
 from .db.engine import StoreError
 from .db.migrate import ensure_current
 from .jobs import InvalidJob, JobService, NotFound, NotReady
+from .middleware import LimitsAndLogs
 from .settings import Settings, get_settings
 from .uploads import UploadTooLarge
 
@@ -41,6 +42,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.ray_mode = init_ray(settings)
             dispatcher = Dispatcher(settings)
             dispatcher.start()
+        # torch, Ray and the app leave a large heap of long-lived objects; a full collection walking
+        # them stalled every in-flight request by 0.3-0.4 s (seen with gc.callbacks under 50 pollers).
+        # Frozen, they are skipped by the collector for the life of the process.
+        gc.collect()
+        gc.freeze()
         log.info("prunepilot %s serving (database %s, ray %s)", __version__, settings.db_url.split("://")[0], app.state.ray_mode)
         try:
             yield
@@ -58,17 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.jobs = JobService(settings)
     app.state.ray_mode = "off"
 
-    @app.middleware("http")
-    async def limits_and_logs(request: Request, call_next):  # type: ignore[no-untyped-def]
-        started = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > 2 * settings.max_upload_bytes + (1 << 20):
-            return JSONResponse({"detail": f"request body exceeds the upload limit of {settings.max_upload_bytes} bytes"},
-                                status_code=413)
-        response = await call_next(request)
-        log.info("request", extra={"method": request.method, "path": request.url.path, "status": response.status_code,
-                                   "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
-        return response
+    app.add_middleware(LimitsAndLogs, max_body=2 * settings.max_upload_bytes + (1 << 20))
 
     def handler(code: int):  # type: ignore[no-untyped-def]
         async def handle(_: Request, exc: Exception) -> JSONResponse:

@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 from .db import repo
-from .db.engine import session_scope
+from .db.engine import read_scope
 from .jobs import NotFound, to_public
 
 TRIAL_COLUMNS = ["step", "kind", "accuracy", "macs_ratio", "params_ratio", "size_ratio", "latency_ms", "feasible", "wall_time_s"]
@@ -20,7 +20,7 @@ def _limits(problem: dict[str, Any], result: dict[str, Any] | None) -> dict[str,
 
 
 def compare(url: str, owner_id: int | None, problem_key: str) -> dict[str, Any]:
-    with session_scope(url) as s:
+    with read_scope(url) as s:
         jobs, _ = repo.list_jobs(s, owner_id=owner_id, problem_key=problem_key, limit=500)
         if not jobs:
             raise NotFound(f"no jobs for problem {problem_key}")

@@ -22,7 +22,7 @@ from prunepilot.compression.budget import BudgetChecker
 from prunepilot.compression.graph import PruningGraph
 
 from .db import repo
-from .db.engine import session_scope
+from .db.engine import read_scope, session_scope
 from .db.models import Job, Trial
 from .schemas import ACTIVE, TERMINAL, JobCreate, JobPublic, Links, TrialPublic
 from .settings import Settings
@@ -176,32 +176,32 @@ class JobService:
         return job
 
     def get(self, owner_id: int | None, job_id: str) -> JobPublic:
-        with session_scope(self.url) as s:
+        with read_scope(self.url) as s:
             return to_public(self._job(s, owner_id, job_id))
 
     def list(self, owner_id: int | None, status: str | None = None, agent: str | None = None, problem_key: str | None = None,
              limit: int = 50, offset: int = 0) -> tuple[list[JobPublic], int]:
-        with session_scope(self.url) as s:
+        with read_scope(self.url) as s:
             rows, total = repo.list_jobs(s, owner_id=owner_id, status=status, agent=agent, problem_key=problem_key,
                                          limit=limit, offset=offset)
             return [to_public(j) for j in rows], total
 
     def trials(self, owner_id: int | None, job_id: str, limit: int | None = 100, offset: int = 0, kind: str | None = None
                ) -> tuple[list[TrialPublic], int]:
-        with session_scope(self.url) as s:
+        with read_scope(self.url) as s:
             self._job(s, owner_id, job_id)
             rows, total = repo.list_trials(s, job_id=job_id, kind=kind, limit=limit, offset=offset)
             return [trial_public(t) for t in rows], total
 
     def report(self, owner_id: int | None, job_id: str) -> dict[str, Any]:
-        with session_scope(self.url) as s:
+        with read_scope(self.url) as s:
             job = self._job(s, owner_id, job_id)
             if job.status != "succeeded" or job.result is None:
                 raise NotReady(f"job {job_id} is {job.status}; the report exists once it has succeeded")
             return dict(job.result)
 
     def model_dir(self, owner_id: int | None, job_id: str) -> Path:
-        with session_scope(self.url) as s:
+        with read_scope(self.url) as s:
             job = self._job(s, owner_id, job_id)
             art = repo.latest_artifact(s, job_id=job_id, kind="model")
             if job.status != "succeeded" or art is None:

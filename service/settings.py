@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     dispatch_interval_s: float = Field(default=1.0, gt=0)
     run_dispatcher: bool = Field(default=True, description="run jobs from this API process (off: an API-only replica)")
     auth_disabled: bool = Field(default=False, description="accept requests without an API key (single-user local use)")
+    auth_cache_s: float = Field(default=10.0, ge=0,
+                                description="seconds a verified API key is trusted without a database lookup; "
+                                            "a revoked key stops working within this time (0: look up every request)")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -35,7 +35,7 @@ def quick_spec(**over) -> dict:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
-    srv = Server(tmp_path_factory.mktemp("srv"))
+    srv = Server(tmp_path_factory.mktemp("srv"), {"PRUNEPILOT_AUTH_CACHE_S": "2"})
     srv.cli("db", "upgrade")
     srv.keys = {name: srv.cli("keys", "create", "--name", name).split()[-1] for name in ("alice", "bob")}
     srv.start()
@@ -241,6 +241,16 @@ def test_users_see_only_their_own_jobs(server, alice: Client, mini_zip: Path, re
     r = httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": "Bearer pp_wrong"})
     assert r.status_code == 401
     alice.wait(job["id"], timeout_s=300)
+
+
+def test_a_revoked_key_is_refused_once_its_cache_entry_expires(server) -> None:
+    created = server.cli("keys", "create", "--name", "carol").split()  # "key <id> (carol): <secret>"
+    key_id, secret = created[1], created[-1]
+    headers = {"Authorization": f"Bearer {secret}"}
+    assert httpx.get(f"{server.url}/v1/jobs", headers=headers).status_code == 200  # verified, now cached
+    server.cli("keys", "revoke", key_id)
+    wait_for(lambda: httpx.get(f"{server.url}/v1/jobs", headers=headers).status_code == 401, timeout=6, every=0.2)
+    assert httpx.get(f"{server.url}/v1/jobs", headers=headers).status_code == 401
 
 
 def test_twenty_concurrent_submissions_all_finish(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:

