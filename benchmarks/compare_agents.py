@@ -9,6 +9,7 @@ Resumable and runs in pieces: trials are appended to JSONL files and every finis
 JSON file under benchmarks/results/compare/<problem>/, which later runs skip.
 
     python benchmarks/compare_agents.py search   --problem flops   [--agents ...] [--evals 200] [--seeds 0 1 2]
+    python benchmarks/compare_agents.py match    # latency problem: uniform at NetAdapt's measured latency
     python benchmarks/compare_agents.py finetune --problem flops   [--epochs 3]
     python benchmarks/compare_agents.py report   # docs/benchmarks.md section + JSON + PNG plots
 
@@ -28,16 +29,20 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from prunepilot.agents import SearchContext, SearchLimits, TrialRecord, create_agent
 from prunepilot.compression import Evaluator, Fidelity, FinetuneConfig, finalize
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
+from prunepilot.compression.measure import measure_pair
+from prunepilot.compression.strategy import uniform_strategy
 from prunepilot.service.settings import get_settings
 from prunepilot.service.workspace import open_session
 
 ROOT = Path(__file__).parent / "results" / "compare"
-ALL_AGENTS = ["uniform", "global", "random", "sensitivity", "optuna-tpe", "optuna-nsga2", "amc", "amc-bound", "netadapt"]
+ALL_AGENTS = ["uniform", "global", "random", "sensitivity", "optuna-tpe", "optuna-nsga2", "amc", "amc-bound", "netadapt",
+              "uniform-matched"]
 CHEAP = {"uniform", "global", "random"}
 LIMITS = {"flops": {"flops": 0.5}, "latency": {"latency": 0.7}}
 # Agent options for this benchmark (documented in docs/benchmarks.md).
@@ -106,6 +111,8 @@ def setup(problem: str):  # type: ignore[no-untyped-def]
 def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], netadapt_seconds: float = NETADAPT_SECONDS) -> None:
     session, evaluator = setup(problem)
     for agent in agents:
+        if agent == "uniform-matched":
+            continue  # not a search: the match phase derives it from NetAdapt's measured latency
         # several seeds for the cheap agents; uniform and global are deterministic, one run is every run
         runs = seeds[:1] if agent not in CHEAP or agent in ("uniform", "global") else seeds
         for seed in runs:
@@ -151,6 +158,51 @@ def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], ne
                   flush=True)
 
 
+def run_matched_uniform(problem: str, reference: str = "netadapt") -> None:
+    """Uniform pruning at the *measured* latency ``reference``'s network ended with.
+
+    The latency budget is met by prediction, and two networks at the same predicted latency can
+    differ by a few percent when measured; "beats uniform at equal latency" is judged here. The
+    uniform ratio is bisected on measured latency (dense and pruned interleaved, median ratio of
+    three rounds) until it is at or just under the reference's measured share of dense.
+    """
+    out = problem_dir(problem) / "search-uniform-matched-s0.json"
+    # the reference's batch-1 latency as its fine-tune report measured it (interleaved with dense)
+    finals = sorted(problem_dir(problem).glob(f"final-{reference}-s0-e*.json"))
+    if out.is_file() or not finals:
+        print(f"skip {out.name} ({'done' if out.is_file() else 'fine-tune ' + reference + ' first'})")
+        return
+    lat = json.loads(finals[0].read_text())["figures"]
+    target = lat["pruned"]["latency_ms"]["1"] / lat["dense"]["latency_ms"]["1"]
+    session, evaluator = setup(problem)
+    pruner, names = session.pruner, session.pruner.layer_names
+    threads = get_settings().threads
+
+    def measured(ratio: float) -> float:
+        net = pruner.prune(uniform_strategy(names, ratio)).model
+        dense, mine = measure_pair(pruner.model, net, pruner.input_size, 1, threads, warmup=5, repeats=60)
+        return mine.median_ms / dense.median_ms
+
+    t0 = time.perf_counter()
+    lo, hi = 0.0, float(np.max(pruner.max_ratios()))  # ratio lo is too slow, hi fast enough (or the floor)
+    probes = []
+    for _ in range(7):
+        mid = (lo + hi) / 2
+        m = measured(mid)
+        probes.append({"ratio": mid, "measured_latency": m})
+        lo, hi = (lo, mid) if m <= target else (mid, hi)
+    strategy = uniform_strategy(names, hi)
+    metrics = evaluator.evaluate(strategy)
+    data = {"agent": "uniform-matched", "seed": 0, "problem": problem, "limits": LIMITS[problem], "evaluations": 1,
+            "search_seconds_this_run": time.perf_counter() - t0, "search_seconds_total": metrics.wall_time_s,
+            "forward_share": None, "evaluation_share": None, "matched_to": reference, "target_measured_latency": target,
+            "bisection": probes, "best": {"step": 0, "accuracy": metrics.accuracy, "strategy": metrics.strategy,
+                                          "metrics": metrics.to_dict()},
+            "pareto_steps": [0], "info": {"uniform_ratio": hi}, "latency_checks": []}
+    out.write_text(json.dumps(data, indent=2, default=str))
+    print(f"uniform matched to {reference}'s measured {target:.1%}: ratio {hi:.3f}, search acc {metrics.accuracy:.3f}", flush=True)
+
+
 def run_finetune(problem: str, epochs: float, agents: list[str]) -> None:
     session, evaluator = setup(problem)
     config = FinetuneConfig(epochs=epochs, lr=0.01)
@@ -181,7 +233,8 @@ def run_finetune(problem: str, epochs: float, agents: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["search", "finetune", "report"])
+    parser.add_argument("phase", choices=["search", "match", "finetune", "report"],
+                        help="match: uniform pruning at NetAdapt's measured latency (latency problem)")
     parser.add_argument("--problem", choices=list(LIMITS), default="flops")
     parser.add_argument("--agents", nargs="*", default=ALL_AGENTS)
     parser.add_argument("--evals", type=int, default=200)
@@ -191,6 +244,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.phase == "search":
         run_search(args.problem, args.agents, args.evals, args.seeds, args.netadapt_minutes * 60)
+    elif args.phase == "match":
+        run_matched_uniform("latency")
     elif args.phase == "finetune":
         run_finetune(args.problem, args.epochs, args.agents)
     else:

@@ -55,6 +55,25 @@ def test_lookup_interpolates_and_fails_clearly_outside(table20: LatencyTable) ->
         table20.lookup(idx, e.c_in, e.c_out + 5)
 
 
+def test_quantum_rounds_channel_counts_up_before_the_lookup(table20: LatencyTable) -> None:
+    """With quantum 4, 5-8 kept channels cost what 8 do; with quantum 1 (default) they interpolate."""
+    dense = table20.graph.channels
+    layer = int(np.argmax(dense >= 16))
+    k7, k8, k5 = dense.copy(), dense.copy(), dense.copy()
+    k7[layer], k8[layer], k5[layer] = 7, 8, 5
+    assert table20.quantum == 1
+    assert table20.predict(k7) != table20.predict(k8)
+    table20.quantum = 4
+    try:
+        assert table20.predict(k7) == table20.predict(k8) == table20.predict(k5)
+        assert table20.predict(dense) == pytest.approx(table20.dense_ms)  # multiples of 4 stay as they are
+        table20.refit()  # the fit follows the predictor
+        assert table20.predict(dense) == pytest.approx(table20.dense_ms)
+    finally:
+        table20.quantum = 1
+        table20.refit()
+
+
 def test_prediction_of_dense_is_the_measured_dense(table20: LatencyTable) -> None:
     dense = table20.graph.channels
     assert table20.predict(dense) == pytest.approx(table20.dense_ms)
