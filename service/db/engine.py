@@ -54,8 +54,8 @@ def get_engine(url: str) -> Engine:
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # A pool as large as the API's thread pool: connections beyond pool_size are closed on
-        # return, and reopening one (with its PRAGMAs) under a burst of polls costs more than the query.
+        # A pool large enough for the API's worker threads: connections beyond pool_size are closed
+        # on return, and reopening one (with its PRAGMAs) under a burst of polls costs more than the query.
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=32, max_overflow=32)
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
@@ -105,7 +105,7 @@ def as_utc(dt: datetime | None) -> datetime | None:
     return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
-_SQLITE_READS: dict[str, threading.Lock] = {}
+_SQLITE_READS: dict[str, threading.RLock] = {}
 _READS_GUARD = threading.Lock()
 
 
@@ -125,6 +125,6 @@ def read_scope(url: str) -> Iterator[Session]:
             yield session
         return
     with _READS_GUARD:
-        lock = _SQLITE_READS.setdefault(norm, threading.Lock())
+        lock = _SQLITE_READS.setdefault(norm, threading.RLock())  # re-entrant: a nested read cannot deadlock
     with lock, session_scope(url) as session:
         yield session
