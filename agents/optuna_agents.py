@@ -72,6 +72,11 @@ class _OptunaAgent(Agent):
         for ft in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             rec = recorded.get(ft.number)
             if rec is not None:
+                # killed between recording the trial and telling the study: give it the attributes
+                # a finished trial carries (the constraint and the Pareto front read them)
+                trial = optuna.trial.Trial(study, ft._trial_id)
+                trial.set_user_attr("step", rec.step)
+                _set_overshoot(trial, list(ctx.limits), [_resource_ratio(rec, r) / lim - 1.0 for r, lim in ctx.limits.items()])
                 study.tell(ft.number, self._values(ctx, rec), skip_if_finished=True)
             else:
                 study.tell(ft.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
@@ -106,7 +111,7 @@ class _OptunaAgent(Agent):
             overshoot = [_resource_ratio(rec, r) / lim - 1.0 for r, lim in ctx.limits.items()]
             _set_overshoot(trial, list(ctx.limits), overshoot)
             trial.set_user_attr("step", rec.step)
-            study.tell(trial, self._values(ctx, rec))
+            study.tell(trial, self._values(ctx, rec))  # a kill before this line is settled by _resume
         return self._result(ctx, study)
 
     def _uniform_params(self, ctx: SearchContext) -> dict[str, float]:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 
@@ -162,3 +163,33 @@ def test_unknown_agent_options_are_rejected_by_name() -> None:
         create_agent("uniform", points=3)
     for name, cls in AGENTS.items():  # every declared option is accepted
         assert create_agent(name, **{o: None for o in cls.option_names}).options.keys() == cls.option_names
+
+
+def test_a_trial_recorded_but_never_told_is_settled_with_its_attributes(tmp_path: Path, evaluator: Evaluator) -> None:
+    """A worker killed between recording a trial and telling the study leaves it RUNNING; on resume
+    it must be completed with the step and overshoot every finished trial carries."""
+    from prunepilot.service.db import repo
+    from prunepilot.service.db.engine import session_scope
+    from prunepilot.service.db.migrate import upgrade
+    from prunepilot.service.recorder import SqlTrialRecorder
+
+    url = f"sqlite:///{tmp_path / 'told.db'}"
+    upgrade(url)
+    with session_scope(url) as s:
+        repo.create_job(s, job_id="job1", agent="optuna-tpe", arch="resnet20", dataset="mini", problem={}, problem_key="k")
+
+    def context(evals: int) -> SearchContext:
+        return SearchContext(evaluator, {"flops": 0.5}, SearchLimits(max_evaluations=evals), SqlTrialRecorder(url, "job1"),
+                             seed=3, agent="optuna-tpe", options={"storage": url, "study_name": "job-job1"})
+
+    agent = create_agent("optuna-tpe")
+    ctx = context(1)
+    study = agent._study(ctx)
+    orphan = study.ask()
+    ctx.evaluate(ctx.project(np.ones(len(ctx.layer_names))), extra={"optuna_trial": orphan.number})  # recorded, not told
+    agent.search(context(3))
+    study = optuna.load_study(study_name="job-job1", storage=url)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["step"] for t in complete) == [0, 1, 2]
+    assert all("overshoot" in t.user_attrs for t in complete)
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
