@@ -82,6 +82,12 @@ def _search_mean(searches: dict[str, list[dict]], agent: str) -> float | None:  
     return statistics.fmean(accs) if accs else None
 
 
+def _b1_share(final: dict[str, Any]) -> float:
+    """Batch-1 latency as a share of dense, measured interleaved with the dense model in one run."""
+    f = final["figures"]
+    return f["pruned"]["latency_ms"]["1"] / f["dense"]["latency_ms"]["1"]
+
+
 def _verdict(ok: bool | None) -> str:
     return "not measured" if ok is None else ("**met**" if ok else "**missed**")
 
@@ -106,32 +112,23 @@ def _targets(problem: str, searches: dict[str, list[dict]], finals: dict[str, li
         gap = f" (best {best:.2f} % vs dense fine-tuned {dense_acc * 100:.2f} %)" if best is not None and dense_acc is not None else ""
         out.append(f"- best agent's drop vs dense <= 0.9 pt: {_verdict(ok)}{gap}")
     if problem == "latency":
-        na = finals.get("netadapt", [])
-        ratio = None
-        if na:
-            f = na[0]["figures"]
-            ratio = f["pruned"]["latency_ms"]["1"] / f["dense"]["latency_ms"]["1"]
+        ratio = _b1_share(finals["netadapt"][0]) if finals.get("netadapt") else None
         limit = searches["netadapt"][0]["limits"]["latency"] if searches.get("netadapt") else None
         ok = None if ratio is None or limit is None else ratio <= limit
         measured = f" (measured {ratio:.1%} of dense at batch 1, interleaved with the dense model)" if ratio is not None else ""
         budget = f"the {limit:.0%} latency budget" if limit is not None else "the latency budget"
         out.append(f"- NetAdapt meets {budget} as measured: {_verdict(ok)}{measured}")
         nad = _final_mean(finals, "netadapt")
-
-        def b1(agent: str) -> str:
-            f = finals[agent][0]["figures"]
-            return f"{f['pruned']['latency_ms']['1'] / f['dense']['latency_ms']['1']:.1%}"
-
         matched = _final_mean(finals, "uniform-matched")
         ok = None if nad is None or matched is None else nad > matched
         out.append(f"- NetAdapt beats uniform at equal measured latency (uniform-matched: the uniform ratio bisected on "
                    f"measured latency to NetAdapt's): {_verdict(ok)}"
-                   + (f" ({nad:.2f} % at {b1('netadapt')} vs {matched:.2f} % at {b1('uniform-matched')} of dense)"
-                      if ok is not None else ""))
+                   + (f" ({nad:.2f} % at {_b1_share(finals['netadapt'][0]):.1%} vs {matched:.2f} % at "
+                      f"{_b1_share(finals['uniform-matched'][0]):.1%} of dense)" if ok is not None else ""))
         if nad is not None and uni is not None:
-            out.append(f"- for reference, uniform solved for the budget through the table: {uni:.2f} % at {b1('uniform')} of "
-                       f"dense as measured ({'within' if limit is not None and float(b1('uniform')[:-1]) / 100 <= limit else 'over'} "
-                       "the budget)")
+            share = _b1_share(finals["uniform"][0])
+            out.append(f"- for reference, uniform solved for the budget through the table: {uni:.2f} % at {share:.1%} of "
+                       f"dense as measured ({'within' if limit is not None and share <= limit else 'over'} the budget)")
     return out
 
 
@@ -162,7 +159,7 @@ def section(problem: str, problem_dir: Path, amc_paper: dict[str, Any]) -> tuple
         f0 = f_runs[0] if f_runs else None
         spd = (f"{f0['latency_speedup'].get('1', float('nan')):.2f}x / {f0['latency_speedup'].get('64', float('nan')):.2f}x" if f0 else "-")
         if f0 and problem == "latency":  # the budget is on latency: show it against dense, as measured
-            spd += f" ({1 / f0['latency_speedup']['1']:.0%} of dense at b1)"
+            spd += f" ({_b1_share(f0):.0%} of dense at b1)"
         search_s = statistics.fmean(s["search_seconds_total"] for s in s_runs)
         share = [s["forward_share"] for s in s_runs if s.get("forward_share")]
         share_text = f"{statistics.fmean(share):.0%}" if share else "-"

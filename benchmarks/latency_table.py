@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunepilot.compression import Pruner, build_model, load_model, measure_latency
+from prunepilot.compression import Pruner, build_model, load_model
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
+from prunepilot.compression.measure import measure_pair
 from prunepilot.service.settings import get_settings
 
 RESULTS = Path(__file__).parent / "results" / "latency_table.json"
@@ -49,15 +50,11 @@ def main() -> None:
         build_s = time.perf_counter() - t0
         table.calibrate(repeats=100)
         # The same measurements scored by two predictors, each with its own fit to the same
-        # calibration runs: the default lookup (plain bilinear interpolation, quantum 1) and one that
-        # rounds channel counts up to multiples of 4 first (latency as a staircase in channels).
-        predictors = {}
+        # calibration runs (refit() is cheap and deterministic): the default lookup (plain bilinear
+        # interpolation, quantum 1) and one that rounds channel counts up to multiples of 4 first
+        # (latency as a staircase in channels).
         default_quantum = table.quantum
         alt_quantum = 4 if default_quantum == 1 else 1
-        for quantum in (alt_quantum, default_quantum):
-            table.quantum = quantum
-            table.refit()
-            predictors[quantum] = (table.remainder_ms, table.scale, table.dense_ms)
         rng = np.random.default_rng(0)
         rows = []
         for _ in range(args.strategies):
@@ -65,21 +62,19 @@ def main() -> None:
             kept = pruner.kept_from_vector(ratios)
             pruned = pruner.prune_kept(kept).model
             # three interleaved rounds, median ratio: the machine's speed drifts over minutes
-            rounds = [measure_latency([model, pruned], 32, args.batch, args.threads, warmup=5, repeats=40) for _ in range(3)]
-            dense = sorted((r[0] for r in rounds), key=lambda x: x.median_ms)[1]
-            small = sorted((r[1] for r in rounds), key=lambda x: x.median_ms)[1]
-            measured_ratio = statistics.median(r[1].median_ms / r[0].median_ms for r in rounds)
+            dense, small = measure_pair(model, pruned, 32, args.batch, args.threads, warmup=5, repeats=40)
+            measured_ratio = small.median_ms / dense.median_ms
             row = {"measured_ms": small.median_ms, "dense_ms": dense.median_ms, "measured_ratio": measured_ratio}
-            for quantum, (table.remainder_ms, table.scale, table.dense_measured_ms) in predictors.items():
-                tag = "" if quantum == default_quantum else "_alt"
+            for quantum, tag in ((default_quantum, ""), (alt_quantum, "_alt")):
                 table.quantum = quantum
+                table.refit()
                 predicted_ratio = table.predict(kept) / table.dense_ms
                 row |= {f"predicted_ms{tag}": table.predict(kept), f"predicted_ratio{tag}": predicted_ratio,
                         f"abs_ms_error{tag}": abs(table.predict(kept) - small.median_ms) / small.median_ms,
                         f"ratio_error{tag}": abs(predicted_ratio - measured_ratio) / measured_ratio}
             rows.append(row)
         table.quantum = default_quantum
-        table.remainder_ms, table.scale, table.dense_measured_ms = predictors[default_quantum]
+        table.refit()
         ms_err = statistics.median(r["abs_ms_error"] for r in rows)
         ratio_err = statistics.median(r["ratio_error"] for r in rows)
         alt_err = statistics.median(r["ratio_error_alt"] for r in rows)

@@ -166,6 +166,7 @@ class LatencyTable:
         self.remainder_ms = 0.0
         self.scale = 1.0
         self.calibration: dict[str, object] = {}
+        self._calibration_points: tuple[list[np.ndarray], np.ndarray] | None = None  # kept vectors, measured ms
 
     # ------------------------------------------------------------------ building
 
@@ -257,7 +258,7 @@ class LatencyTable:
     def refit(self) -> float:
         """Fit remainder and scale again to the last calibration's measurements (after changing
         ``quantum``, say); returns the fitted dense latency."""
-        if not hasattr(self, "_calibration_points"):
+        if self._calibration_points is None:
             raise PrunePilotError("latency table not calibrated: call calibrate() first")
         kept, times = self._calibration_points
         sums = np.array([self.layers_ms(self.graph.channels - k) for k in kept])
