@@ -14,6 +14,7 @@ from ._base import (
 )
 from .amc import AMCAgent
 from .baselines import GlobalAgent, RandomAgent, SensitivityAgent, UniformAgent, solve_uniform
+from .latency_check import check_measured_latency
 from .netadapt import NetAdaptAgent
 from .optuna_agents import OptunaNSGA2Agent, OptunaTPEAgent
 from .registry import AGENTS, agent_names, create_agent, describe_agents
@@ -21,5 +22,5 @@ from .registry import AGENTS, agent_names, create_agent, describe_agents
 __all__ = [
     "AGENTS", "AMCAgent", "Agent", "GlobalAgent", "MemoryRecorder", "NetAdaptAgent", "OptunaNSGA2Agent", "OptunaTPEAgent", "RandomAgent",
     "SearchCancelled", "SearchContext", "SearchLimits", "SearchResult", "SensitivityAgent", "TrialRecord", "TrialRecorder",
-    "UniformAgent", "agent_names", "create_agent", "describe_agents", "solve_uniform",
+    "UniformAgent", "agent_names", "check_measured_latency", "create_agent", "describe_agents", "solve_uniform",
 ]

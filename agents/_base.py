@@ -139,6 +139,14 @@ class SearchContext:
             self._track_best(t)
         self.layer_names = self.pruner.layer_names
         self.max_ratios = self.pruner.max_ratios()
+        # Every agent would otherwise find out its own way (some by never finding a strategy).
+        # Resources fall as ratios grow, so the largest allowed ratios are the floor.
+        floor = self.budget.resources(np.asarray(self.max_ratios, dtype=np.float64))
+        missed = {r: floor[r] for r in self.limits if floor.get(r) is not None and floor[r] > self.limits[r] * (1 + 1e-9)}
+        if missed:
+            detail = ", ".join(f"{r} {100 * v:.1f} % of dense > limit {100 * self.limits[r]:.1f} %" for r, v in missed.items())
+            raise PrunePilotError(f"budget is infeasible under the layer limits: even the largest allowed ratio in every layer "
+                                  f"gives {detail}")
 
     # ------------------------------------------------------------------ budget (see compression.budget)
 
@@ -218,6 +226,10 @@ class SearchContext:
     def _track_best(self, trial: TrialRecord) -> None:
         if trial.feasible and trial.kind != "sensitivity" and (self.best is None or trial.accuracy > self.best.accuracy):
             self.best = trial
+
+    def trials(self) -> list[TrialRecord]:
+        """Every trial of this search so far, resumed ones included, in step order."""
+        return sorted(self._done.values(), key=lambda t: t.step)
 
     def result(self, **info: Any) -> SearchResult:
         return SearchResult(self.best, self.step, time.monotonic() - self.started, info=info)

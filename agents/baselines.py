@@ -39,6 +39,7 @@ class RandomAgent(Agent):
 
     def search(self, ctx: SearchContext) -> SearchResult:
         n = len(ctx.layer_names)
+        # every profile projects onto the budget: SearchContext refuses a budget the maximal ratios miss
         while not ctx.exhausted():
             shape = ctx.rng.uniform(0.05, 1.0, n)
             ratios = ctx.project(shape)

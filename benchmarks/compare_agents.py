@@ -9,6 +9,7 @@ Resumable and runs in pieces: trials are appended to JSONL files and every finis
 JSON file under benchmarks/results/compare/<problem>/, which later runs skip.
 
     python benchmarks/compare_agents.py search   --problem flops   [--agents ...] [--evals 200] [--seeds 0 1 2]
+    python benchmarks/compare_agents.py verify   # latency problem: measured-latency check on older searches
     python benchmarks/compare_agents.py match    # latency problem: uniform at NetAdapt's measured latency
     python benchmarks/compare_agents.py finetune --problem flops   [--epochs 3]
     python benchmarks/compare_agents.py report   # docs/benchmarks.md section + JSON + PNG plots
@@ -17,6 +18,11 @@ Problem ``flops``: 50 % of dense MACs. Problem ``latency``: 70 % of dense latenc
 this CPU (latency lookup table, measured at the end). 70 %, not 60 %: with ResNet-56's prunable
 convs (each block's first) at the 80 % layer limit, the measured latency floor at batch 1 here is
 about 61 % of dense, so a 60 % budget is infeasible and would leave no room to search.
+
+The latency problem's table and calibration are kept with its results (latency_table.json,
+latency_calibration.json), so every agent predicts with one latency model; every agent is judged
+on latency measured at fine-tune time, interleaved with dense. An earlier run of uniform and
+netadapt, on another machine with a table lost with it, is kept for the record in latency/first-table/.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunepilot.agents import SearchContext, SearchLimits, TrialRecord, create_agent
+from prunepilot.agents import SearchContext, SearchLimits, SearchResult, TrialRecord, check_measured_latency, create_agent
 from prunepilot.compression import Evaluator, Fidelity, FinetuneConfig, finalize
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
 from prunepilot.compression.measure import measure_pair
@@ -93,17 +99,18 @@ def setup(problem: str):  # type: ignore[no-untyped-def]
     session = open_session("resnet56", s.shared_weights_dir / "resnet56-cifar10.th", "cifar10-jpeg", s, progress=True)
     table = None
     if problem == "latency":
-        table = LatencyTable(session.pruner.graph, session.pruner.model, FileLatencyStore(s.cache_dir / "latency_tables.json"), 1, s.threads)
+        # The problem's latency model is part of its results: table entries and calibration are kept
+        # next to them, so every agent of the problem, on any later day, predicts with the same model.
+        table = LatencyTable(session.pruner.graph, session.pruner.model, FileLatencyStore(problem_dir(problem) / "latency_table.json"),
+                             1, s.threads)
         table.build()
         calib = problem_dir(problem) / "latency_calibration.json"
-        if calib.is_file():  # one calibration for all agents of the problem: they must share one latency model
-            c = json.loads(calib.read_text())
-            table.scale, table.remainder_ms, table.dense_measured_ms = c["scale"], c["remainder_ms"], c["dense_ms"]
+        if calib.is_file():
+            table.restore_calibration(json.loads(calib.read_text()))
         else:
             table.calibrate(repeats=60)
             calib.parent.mkdir(parents=True, exist_ok=True)
-            calib.write_text(json.dumps({"scale": table.scale, "remainder_ms": table.remainder_ms, "dense_ms": table.dense_ms,
-                                         **table.calibration}))
+            calib.write_text(json.dumps({**table.calibration, "dense_ms": table.dense_ms}))
     evaluator = Evaluator(session.pruner, session.splits, Fidelity(val_images=1000, calib_images=1024), latency_model=table)
     return session, evaluator
 
@@ -131,7 +138,7 @@ def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], ne
                                 if t.step % 25 == 0 else None)
             t0 = time.perf_counter()
             base, options = VARIANTS.get(agent, (agent, AGENT_OPTIONS.get(agent, {})))
-            result = create_agent(base, **options).search(ctx)
+            result = check_measured_latency(ctx, create_agent(base, **options).search(ctx))
             wall = time.perf_counter() - t0
             trials = rec.existing()
             best = result.best
@@ -145,6 +152,7 @@ def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], ne
                 "pareto_steps": [t.step for t in result.pareto], "info": {k: v for k, v in result.info.items() if k != "history"},
                 # NetAdapt's measured-latency checks (predicted vs measured at each)
                 "latency_checks": [h for h in result.info.get("history", []) if "measured_latency" in h],
+                "latency_model": evaluator.latency_model.summary() if isinstance(evaluator.latency_model, LatencyTable) else None,
             }
             if result.model is not None:  # NetAdapt ends with its own fine-tuned network
                 from prunepilot.compression import save_artifact
@@ -156,6 +164,41 @@ def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], ne
             print(f"{agent} seed {seed}: best search acc {best.accuracy:.3f} at step {best.step}, {len(trials)} evaluations, "
                   f"{wall:.0f} s, forward share " + (f"{data['forward_share']:.0%}" if data["forward_share"] is not None else "-"),
                   flush=True)
+
+
+def run_verify(problem: str) -> None:
+    """The latency check (see prunepilot.agents.latency_check) on searches recorded before it existed.
+
+    It works on the recorded trials alone, as it does at the end of a search. Where it picks
+    another network, the old choice is kept as ``searched_best`` and its fine-tune result is moved
+    to ``unverified/``, so the next finetune phase fine-tunes the new one.
+    """
+    session, evaluator = setup(problem)
+    for path in sorted(problem_dir(problem).glob("search-*.json")):
+        data = json.loads(path.read_text())
+        if "latency_check" in data["info"] or data["agent"] in ("netadapt", "uniform-matched"):
+            continue
+        rec = JsonlRecorder(problem_dir(problem) / f"trials-{data['agent']}-s{data['seed']}.jsonl")
+        trials = {t.step: t for t in rec.existing()}
+        ctx = SearchContext(evaluator, LIMITS[problem], SearchLimits(max_evaluations=data["evaluations"]), rec,
+                            seed=data["seed"], agent=data["agent"])
+        result = check_measured_latency(ctx, SearchResult(trials[data["best"]["step"]], len(trials), 0.0))
+        check = result.info.get("latency_check")
+        if check is None:
+            continue
+        data["info"]["latency_check"] = check
+        best = result.best
+        assert best is not None
+        if best.step != data["best"]["step"]:
+            data["searched_best"] = data["best"]
+            data["best"] = {"step": best.step, "accuracy": best.accuracy, "strategy": best.strategy, "metrics": best.metrics}
+            for final in problem_dir(problem).glob(f"final-{data['agent']}-s{data['seed']}-e*.json"):
+                (final.parent / "unverified").mkdir(exist_ok=True)
+                final.rename(final.parent / "unverified" / final.name)
+        path.write_text(json.dumps(data, indent=2, default=str))
+        print(f"{data['agent']} s{data['seed']}: " + ", ".join(f"step {c['step']} {c['measured_latency']:.1%}" for c in check["checks"])
+              + f" -> step {best.step} ({'within' if check['within_budget_measured'] else 'NOT within'} the budget as measured)",
+              flush=True)
 
 
 def run_matched_uniform(problem: str, reference: str = "netadapt") -> None:
@@ -233,8 +276,9 @@ def run_finetune(problem: str, epochs: float, agents: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["search", "match", "finetune", "report"],
-                        help="match: uniform pruning at NetAdapt's measured latency (latency problem)")
+    parser.add_argument("phase", choices=["search", "verify", "match", "finetune", "report"],
+                        help="verify: the measured-latency check on searches recorded without it; "
+                             "match: uniform pruning at NetAdapt's measured latency (latency problem)")
     parser.add_argument("--problem", choices=list(LIMITS), default="flops")
     parser.add_argument("--agents", nargs="*", default=ALL_AGENTS)
     parser.add_argument("--evals", type=int, default=200)
@@ -244,6 +288,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.phase == "search":
         run_search(args.problem, args.agents, args.evals, args.seeds, args.netadapt_minutes * 60)
+    elif args.phase == "verify":
+        run_verify("latency")
     elif args.phase == "match":
         run_matched_uniform("latency")
     elif args.phase == "finetune":

@@ -125,6 +125,11 @@ def _targets(problem: str, searches: dict[str, list[dict]], finals: dict[str, li
                    f"measured latency to NetAdapt's): {_verdict(ok)}"
                    + (f" ({nad:.2f} % at {_b1_share(finals['netadapt'][0]):.1%} vs {matched:.2f} % at "
                       f"{_b1_share(finals['uniform-matched'][0]):.1%} of dense)" if ok is not None else ""))
+        if limit is not None:
+            within = sorted(a for a, runs in finals.items() if all(_b1_share(f) <= limit for f in runs))
+            over = sorted(f"{a} ({max(_b1_share(f) for f in runs):.1%})" for a, runs in finals.items() if a not in within)
+            out.append(f"- within the {limit:.0%} budget as measured: {', '.join(within) or 'none'}; "
+                       f"over it: {', '.join(over) or 'none'}")
         if nad is not None and uni is not None:
             share = _b1_share(finals["uniform"][0])
             out.append(f"- for reference, uniform solved for the budget through the table: {uni:.2f} % at {share:.1%} of "

@@ -273,6 +273,26 @@ class LatencyTable:
                             "remainder_ms": self.remainder_ms}
         return self.dense_measured_ms
 
+    def restore_calibration(self, calibration: Mapping[str, object], tolerance: float = 0.01) -> None:
+        """Reuse a calibration saved from ``self.calibration`` (several runs sharing one latency model).
+
+        The fit maps *these* table entries to end-to-end time; entries measured on another machine
+        or at another time sum differently, and the old scale would then predict nonsense (a dense
+        model at half its latency). The saved dense layer sum must match this table's within
+        ``tolerance``, or the calibration is refused.
+        """
+        sums = calibration.get("layer_sums_ms")
+        if not isinstance(sums, list) or not sums:
+            raise PrunePilotError("latency calibration lacks its layer sums; calibrate again")
+        mine = self.layers_ms(np.zeros(len(self.graph.layers)))
+        if abs(mine - float(sums[0])) > tolerance * float(sums[0]):
+            raise PrunePilotError(f"latency calibration was fitted to other table entries (dense layer sum {float(sums[0]):.3f} ms, "
+                                  f"this table {mine:.3f} ms); calibrate again")
+        self.scale = float(calibration["scale"])  # type: ignore[arg-type]
+        self.remainder_ms = float(calibration["remainder_ms"])  # type: ignore[arg-type]
+        self.dense_measured_ms = self.remainder_ms + self.scale * mine
+        self.calibration = dict(calibration)
+
     # ------------------------------------------------------------------ prediction
 
     def lookup(self, index: int, c_in: float, c_out: float) -> float:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from prunepilot.agents import SearchCancelled, SearchContext, SearchLimits, create_agent
+from prunepilot.agents import SearchCancelled, SearchContext, SearchLimits, check_measured_latency, create_agent
 from prunepilot.compression import (
     Budget,
     Evaluator,
@@ -137,6 +137,7 @@ def _execute(job_id: str, problem: dict[str, Any], settings: Settings) -> str:
     result = create_agent(spec["agent"], **spec.get("agent_options", {})).search(ctx)
     if result.best is None:
         raise PrunePilotError("the search found no strategy within the budget")
+    result = check_measured_latency(ctx, result)  # a latency budget is met as measured, not only as predicted
 
     with session_scope(url) as s:
         repo.update_job(s, job_id=job_id, status="finetuning", finetune_started_at=utcnow(), progress=1.0)
@@ -149,7 +150,8 @@ def _execute(job_id: str, problem: dict[str, Any], settings: Settings) -> str:
     report = {"arch": spec["arch"], "agent": spec["agent"], "budget": budget.describe(), "limits": limits,
               "search": {"evaluations": result.trials, "seconds": result.seconds, "best_step": result.best.step,
                          "best_search_accuracy": result.best.accuracy, "fidelity": fidelity.tag,
-                         "pareto_steps": [t.step for t in result.pareto]},
+                         "pareto_steps": [t.step for t in result.pareto],
+                         **({"latency_check": result.info["latency_check"]} if "latency_check" in result.info else {})},
               "decode_failures": [f.__dict__ for f in session.splits.failures][:100],
               **final.report()}
     if table is not None:

@@ -80,6 +80,32 @@ def test_submit_poll_download_and_load(server, alice: Client, mini_zip: Path, re
     assert onnx_file.stat().st_size > 10_000
 
 
+def test_latency_budget_is_checked_by_measurement(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
+    """A latency job builds its table, searches by prediction, then times its best candidates
+    against the dense model; the report says which it kept and what each measured."""
+    job = alice.submit(quick_spec(budget={"constraints": [{"resource": "latency", "ratio": 0.85}]},
+                                  search={"max_evaluations": 4}), resnet20_weights, mini_zip)
+    done = alice.wait(job["id"], poll_s=0.3, timeout_s=300)
+    assert done["status"] == "succeeded", done["error"]
+    report = alice.report(job["id"])
+    check = report["search"]["latency_check"]
+    assert check["limit"] == pytest.approx(0.85) and check["checks"]
+    assert report["search"]["best_step"] == check["chosen_step"]
+    chosen = next(c for c in check["checks"] if c["step"] == check["chosen_step"])
+    if check["within_budget_measured"]:
+        assert chosen["measured_latency"] <= 0.85
+    assert report["latency_table"]["entries"] > 0
+
+
+def test_infeasible_latency_budget_fails_the_job_with_a_clear_message(server, alice: Client, mini_zip: Path,
+                                                                    resnet20_weights: Path) -> None:
+    """Unlike a FLOPs budget (refused at submission), a latency budget's floor is known only
+    once the table is built: the job fails then, saying why."""
+    job = alice.submit(quick_spec(budget={"constraints": [{"resource": "latency", "ratio": 0.2}]}), resnet20_weights, mini_zip)
+    done = alice.wait(job["id"], poll_s=0.3, timeout_s=120)
+    assert done["status"] == "failed" and "infeasible" in done["error"] and "Traceback" not in done["error"]
+
+
 def test_cancel_stops_a_running_search(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
     job = alice.submit(quick_spec(search={"max_evaluations": 500}), resnet20_weights, mini_zip)
     wait_for(lambda: alice.job(job["id"])["evaluations"] >= 1)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,25 @@ def test_sql_store_shares_entries(db_url: str, resnet20) -> None:
     assert second.missing() == []
     second.store.put(second.device, {next(iter(first.values)): (123.0, 1)})  # a duplicate is ignored, not overwritten
     assert SqlLatencyStore(db_url).get(first.device)[next(iter(first.values))] == first.values[next(iter(first.values))]
+
+
+def test_saved_calibration_restores_only_onto_the_same_entries(table20: LatencyTable, tmp_path: Path) -> None:
+    """Runs sharing one latency model reuse its calibration; onto a table measured elsewhere
+    (here: every entry twice as fast) the old fit would halve every prediction, so it is refused."""
+    saved = json.loads(json.dumps(table20.calibration))
+    kept = table20.graph.channels // 2
+    same = LatencyTable(table20.graph, table20.model, table20.store, batch_size=1, threads=2)
+    same.load()
+    same.restore_calibration(saved)
+    assert same.predict(kept) == pytest.approx(table20.predict(kept))
+    assert same.dense_ms == pytest.approx(table20.dense_ms)
+
+    blob = json.loads(Path(table20.store.path).read_text())
+    faster = {dev: {sig: [v[0] / 2, v[1]] for sig, v in entries.items()} for dev, entries in blob.items()}
+    (tmp_path / "other.json").write_text(json.dumps(faster))
+    other = LatencyTable(table20.graph, table20.model, FileLatencyStore(tmp_path / "other.json"), batch_size=1, threads=2)
+    other.load()
+    with pytest.raises(PrunePilotError, match="other table entries"):
+        other.restore_calibration(saved)
+    with pytest.raises(PrunePilotError, match="layer sums"):
+        other.restore_calibration({"scale": 1.0, "remainder_ms": 0.0})

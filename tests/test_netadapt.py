@@ -1,10 +1,11 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 
-from prunepilot.agents import MemoryRecorder, SearchContext, SearchLimits, create_agent
+from prunepilot.agents import MemoryRecorder, SearchContext, SearchLimits, check_measured_latency, create_agent
 from prunepilot.compression import Evaluator, Fidelity, Pruner
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
 from prunepilot.compression.measure import measure_pair
@@ -75,3 +76,63 @@ def test_netadapt_resumes_without_redoing_recorded_proposals(setup, tmp_path) ->
     assert result.best.metrics["macs_ratio"] <= 0.8
     iterations = [t.extra["iteration"] for t in rec.trials]
     assert iterations == sorted(iterations) and iterations.count(1) == second
+
+
+
+@pytest.fixture(scope="module")
+def searched(setup):
+    """Random search under a predicted latency budget (80 % of dense)."""
+    ev, _ = setup
+    ctx = SearchContext(ev, {"latency": 0.8}, SearchLimits(max_evaluations=12), seed=1, agent="random")
+    return ctx, create_agent("random").search(ctx)
+
+
+def _ranked(ctx) -> list:
+    return sorted((t for t in ctx.trials() if t.feasible), key=lambda t: (-t.accuracy, t.step))
+
+
+def test_latency_check_walks_down_the_ranking_to_the_first_network_within_budget(searched) -> None:
+    ctx, result = searched
+    ranked = _ranked(ctx)
+    assert len({tuple(t.metrics["kept"]) for t in ranked[:3]}) == 3
+    # a stand-in clock for the selection logic (networks told apart by their parameter count):
+    # the two most accurate networks measure over the budget
+    over = {ranked[0].metrics["params"], ranked[1].metrics["params"]}
+
+    def clock(model) -> float:
+        return 0.9 if sum(p.numel() for p in model.parameters()) in over else 0.7
+
+    checked = check_measured_latency(ctx, dataclasses.replace(result, info={}), measure=clock)
+    info = checked.info["latency_check"]
+    assert checked.best.step == ranked[2].step == info["chosen_step"] and info["within_budget_measured"]
+    assert [c["step"] for c in info["checks"]] == [t.step for t in ranked[:3]]
+    assert info["searched_best_step"] == result.best.step == ranked[0].step
+
+    # nothing within: the network measured fastest is kept, and the info says so
+    slowest_first = {t.metrics["params"]: 0.95 - 0.01 * i for i, t in enumerate(ranked)}
+    fallback = check_measured_latency(ctx, dataclasses.replace(result, info={}), count=4,
+                                      measure=lambda m: slowest_first[sum(p.numel() for p in m.parameters())])
+    assert not fallback.info["latency_check"]["within_budget_measured"]
+    assert fallback.best.step == ranked[3].step and len(fallback.info["latency_check"]["checks"]) == 4
+
+
+def test_latency_check_with_the_real_clock(searched) -> None:
+    ctx, result = searched
+    checked = check_measured_latency(ctx, dataclasses.replace(result, info={}))
+    info = checked.info["latency_check"]
+    checks = info["checks"]
+    assert checks[0]["step"] == result.best.step
+    assert [c["accuracy"] for c in checks] == sorted((c["accuracy"] for c in checks), reverse=True)
+    if info["within_budget_measured"]:
+        assert checks[-1]["step"] == checked.best.step and checks[-1]["measured_latency"] <= 0.8
+        assert all(c["measured_latency"] > 0.8 for c in checks[:-1])
+    else:
+        assert checked.best.step == min(checks, key=lambda c: c["measured_latency"])["step"]
+
+
+def test_latency_check_leaves_other_budgets_alone(setup) -> None:
+    ev, _ = setup
+    ctx = SearchContext(ev, {"flops": 0.6}, SearchLimits(max_evaluations=3), seed=0, agent="random")
+    result = create_agent("random").search(ctx)
+    assert check_measured_latency(ctx, result, measure=lambda m: 2.0).best is result.best
+    assert "latency_check" not in result.info
