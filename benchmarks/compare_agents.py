@@ -182,11 +182,13 @@ def run_verify(problem: str) -> None:
         trials = {t.step: t for t in rec.existing()}
         ctx = SearchContext(evaluator, LIMITS[problem], SearchLimits(max_evaluations=data["evaluations"]), rec,
                             seed=data["seed"], agent=data["agent"])
+        ctx.fast_forward()  # the check's own evaluations follow the recorded ones, as after a search
         result = check_measured_latency(ctx, SearchResult(trials[data["best"]["step"]], len(trials), 0.0))
         check = result.info.get("latency_check")
         if check is None:
             continue
         data["info"]["latency_check"] = check
+        data["evaluations"] = len(rec.existing())  # the check's own evaluations included
         best = result.best
         assert best is not None
         if best.step != data["best"]["step"]:
@@ -246,14 +248,14 @@ def run_matched_uniform(problem: str, reference: str = "netadapt") -> None:
     print(f"uniform matched to {reference}'s measured {target:.1%}: ratio {hi:.3f}, search acc {metrics.accuracy:.3f}", flush=True)
 
 
-def run_finetune(problem: str, epochs: float, agents: list[str]) -> None:
+def run_finetune(problem: str, epochs: float, agents: list[str], seeds: list[int] | None = None) -> None:
     session, evaluator = setup(problem)
     config = FinetuneConfig(epochs=epochs, lr=0.01)
     todo = sorted(problem_dir(problem).glob("search-*.json"))
     dense_done = problem_dir(problem) / f"final-dense-e{epochs:g}.json"
     for path in todo:
         search = json.loads(path.read_text())
-        if search["agent"] not in agents:
+        if search["agent"] not in agents or (seeds is not None and search["seed"] not in seeds):
             continue
         out = problem_dir(problem) / f"final-{search['agent']}-s{search['seed']}-e{epochs:g}.json"
         if out.is_file():
@@ -282,18 +284,18 @@ def main() -> None:
     parser.add_argument("--problem", choices=list(LIMITS), default="flops")
     parser.add_argument("--agents", nargs="*", default=ALL_AGENTS)
     parser.add_argument("--evals", type=int, default=200)
-    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="search: default 0 1 2; finetune: default every seed searched")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--netadapt-minutes", type=float, default=NETADAPT_SECONDS / 60, help="NetAdapt's wall-time limit")
     args = parser.parse_args()
     if args.phase == "search":
-        run_search(args.problem, args.agents, args.evals, args.seeds, args.netadapt_minutes * 60)
+        run_search(args.problem, args.agents, args.evals, args.seeds if args.seeds is not None else [0, 1, 2], args.netadapt_minutes * 60)
     elif args.phase == "verify":
         run_verify("latency")
     elif args.phase == "match":
         run_matched_uniform("latency")
     elif args.phase == "finetune":
-        run_finetune(args.problem, args.epochs, args.agents)
+        run_finetune(args.problem, args.epochs, args.agents, args.seeds)
     else:
         from compare_report import write_report
 
