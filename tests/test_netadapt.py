@@ -121,8 +121,9 @@ def test_latency_check_shrinks_the_best_profile_when_the_top_networks_all_measur
     assert checked.best.extra["profile_of_step"] == best.step
     assert checked.best.metrics["latency_ratio"] <= 0.8 / 1.08 * (1 + 1e-6)
     assert info["checks"][-1]["measured_latency"] <= 0.8 * (1 + 1e-6)
-    # the same shape, pruned a little further: no layer keeps more channels than before
-    assert all(a <= b for a, b in zip(checked.best.metrics["kept"], best.metrics["kept"], strict=True))
+    # the same profile pruned further (filling rounding slack may move single channels between layers)
+    assert checked.best.metrics["latency_ratio"] < best.metrics["latency_ratio"]
+    assert sum(checked.best.metrics["kept"]) < sum(best.metrics["kept"])
 
 
 def test_latency_check_keeps_the_fastest_when_nothing_gets_within(searched) -> None:
