@@ -36,6 +36,15 @@ class LatencyCheck:
         return {"step": self.step, "accuracy": self.accuracy, "predicted_latency": self.predicted, "measured_latency": self.measured}
 
 
+def measured_share(ctx: SearchContext, model: nn.Module) -> float:
+    """``model``'s latency as a share of dense at the table's batch size: the two timed
+    interleaved in three rounds, median ratio (one burst of load elsewhere cannot decide it)."""
+    table = ctx.evaluator.latency_model
+    batch, threads = int(getattr(table, "batch_size", 1)), getattr(table, "threads", None)
+    dense, mine = measure_pair(ctx.pruner.model, model, ctx.pruner.input_size, batch, threads, warmup=5, repeats=60)
+    return mine.median_ms / dense.median_ms
+
+
 def applies(ctx: SearchContext, result: SearchResult) -> bool:
     """Only for a latency budget predicted by a table, and not for an agent that already checked
     its own network against measurement (NetAdapt returns that network)."""
@@ -75,12 +84,8 @@ def check_measured_latency(ctx: SearchContext, result: SearchResult, count: int 
         return result
     limit = ctx.limits["latency"]
     if measure is None:
-        table = ctx.evaluator.latency_model
-        batch, threads = int(getattr(table, "batch_size", 1)), getattr(table, "threads", None)
-
         def measure(model: nn.Module) -> float:
-            dense, mine = measure_pair(ctx.pruner.model, model, ctx.pruner.input_size, batch, threads, warmup=5, repeats=60)
-            return mine.median_ms / dense.median_ms
+            return measured_share(ctx, model)
 
     checks: list[LatencyCheck] = []
     timed: dict[int, TrialRecord] = {}

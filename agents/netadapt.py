@@ -35,10 +35,10 @@ from torch import nn
 
 from prunepilot.compression import FinetuneConfig, Metrics, PrunePilotError, Pruner, PruningConstraints, finetune
 from prunepilot.compression.evaluate import EvalData, accuracy, recalibrate_batchnorm
-from prunepilot.compression.measure import measure_pair
 from prunepilot.compression.spec import ArchSpec, build_from_spec
 
 from ._base import Agent, SearchContext, SearchResult
+from .latency_check import measured_share
 
 log = logging.getLogger("prunepilot.agents.netadapt")
 STATE_FILE = "netadapt_state.json"
@@ -122,7 +122,7 @@ class NetAdaptAgent(Agent):
             if self._within(ctx, kept):
                 if not verify or checks >= 3 or ctx.exhausted():
                     break
-                measured = self._measured_ratio(ctx, model)
+                measured = measured_share(ctx, model)
                 predicted = ctx.evaluator.resources(kept)["latency"]
                 history.append({"iteration": iteration, "check": checks, "predicted_latency": predicted, "measured_latency": measured})
                 checks += 1
@@ -185,13 +185,6 @@ class NetAdaptAgent(Agent):
         if result.best is not None and list(result.best.metrics.get("kept", [])) == [int(k) for k in kept]:
             result.model = model  # the adapted network itself, short fine-tunes included
         return result
-
-    def _measured_ratio(self, ctx: SearchContext, model: nn.Module) -> float:
-        """The adapted network's latency as a share of dense: three interleaved rounds, median ratio."""
-        table = ctx.evaluator.latency_model
-        batch, threads = int(getattr(table, "batch_size", 1)), getattr(table, "threads", None)
-        dense, mine = measure_pair(ctx.pruner.model, model, ctx.pruner.input_size, batch, threads, warmup=5, repeats=60)
-        return mine.median_ms / dense.median_ms
 
     # ------------------------------------------------------------------ pieces
 

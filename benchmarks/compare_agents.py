@@ -179,16 +179,16 @@ def run_verify(problem: str) -> None:
         if "latency_check" in data["info"] or data["agent"] in ("netadapt", "uniform-matched"):
             continue
         rec = JsonlRecorder(problem_dir(problem) / f"trials-{data['agent']}-s{data['seed']}.jsonl")
-        trials = {t.step: t for t in rec.existing()}
         ctx = SearchContext(evaluator, LIMITS[problem], SearchLimits(max_evaluations=data["evaluations"]), rec,
                             seed=data["seed"], agent=data["agent"])
         ctx.fast_forward()  # the check's own evaluations follow the recorded ones, as after a search
+        trials = {t.step: t for t in ctx.trials()}
         result = check_measured_latency(ctx, SearchResult(trials[data["best"]["step"]], len(trials), 0.0))
         check = result.info.get("latency_check")
         if check is None:
             continue
         data["info"]["latency_check"] = check
-        data["evaluations"] = len(rec.existing())  # the check's own evaluations included
+        data["evaluations"] = len(ctx.trials())  # the check's own evaluations included
         best = result.best
         assert best is not None
         if best.step != data["best"]["step"]:

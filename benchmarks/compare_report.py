@@ -19,12 +19,9 @@ def _epochs_of(path: Path) -> float:
     return float(path.stem.rsplit("-e", 1)[1])
 
 
-def _load(problem_dir: Path, epochs: float = MAIN_EPOCHS) -> tuple[dict[str, list[dict]], dict[str, list[dict]], dict[str, Any] | None]:  # type: ignore[type-arg]
-    searches: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+def _load_finals(problem_dir: Path, epochs: float) -> tuple[dict[str, list[dict]], dict[str, Any] | None]:  # type: ignore[type-arg]
+    """Fine-tune results of ``epochs`` epochs by agent, and the dense model's."""
     finals: dict[str, list[dict]] = {}  # type: ignore[type-arg]
-    for p in sorted(problem_dir.glob("search-*.json")):
-        d = json.loads(p.read_text())
-        searches.setdefault(d["agent"], []).append(d)
     dense = None
     for p in sorted(f for f in problem_dir.glob("final-*.json") if _epochs_of(f) == epochs):
         d = json.loads(p.read_text())
@@ -32,7 +29,15 @@ def _load(problem_dir: Path, epochs: float = MAIN_EPOCHS) -> tuple[dict[str, lis
             dense = d
         else:
             finals.setdefault(d["agent"], []).append(d)
-    return searches, finals, dense
+    return finals, dense
+
+
+def _load(problem_dir: Path) -> tuple[dict[str, list[dict]], dict[str, list[dict]], dict[str, Any] | None]:  # type: ignore[type-arg]
+    searches: dict[str, list[dict]] = {}  # type: ignore[type-arg]
+    for p in sorted(problem_dir.glob("search-*.json")):
+        d = json.loads(p.read_text())
+        searches.setdefault(d["agent"], []).append(d)
+    return searches, *_load_finals(problem_dir, MAIN_EPOCHS)
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -144,18 +149,18 @@ def _targets(problem: str, searches: dict[str, list[dict]], finals: dict[str, li
     return out
 
 
-def _longer_finetunes(problem_dir: Path) -> list[str]:
-    """Some strategies and the dense model fine-tuned longer: does the ranking and the drop hold?"""
+def _longer_finetunes(problem_dir: Path, short: dict[str, list[dict]]) -> list[str]:  # type: ignore[type-arg]
+    """Some strategies and the dense model fine-tuned longer (``short``: the main fine-tune's
+    results): do the ranking and the drop hold?"""
     out: list[str] = []
     for epochs in sorted({_epochs_of(f) for f in problem_dir.glob("final-*.json")} - {MAIN_EPOCHS}):
-        _, finals, dense = _load(problem_dir, epochs)
+        finals, dense = _load_finals(problem_dir, epochs)
         if dense is None or not finals:
             continue
         d = dense["figures"]["dense_finetuned"]["accuracy"] * 100
         out += ["", f"Longer fine-tune, {epochs:g} epochs (same recipe; the dense model fine-tuned the same way: {d:.2f} %):", "",
                 f"| agent (seed) | test acc. after {MAIN_EPOCHS:g} epoch | after {epochs:g} epochs | drop vs dense (pt) |",
                 "|---|---|---|---|"]
-        short = _load(problem_dir)[1]
         rows = sorted(((a, f) for a, runs in finals.items() for f in runs), key=lambda r: -r[1]["figures"]["pruned"]["accuracy"])
         for agent, f in rows:
             acc = f["figures"]["pruned"]["accuracy"] * 100
@@ -211,7 +216,7 @@ def section(problem: str, problem_dir: Path, amc_paper: dict[str, Any]) -> tuple
         lines += ["", ("Reported elsewhere, not measured here (AMC paper, ResNet-56 on the original CIFAR-10 test set, 50 % FLOPs): "
                        f"dense {amc_paper['resnet56_dense_top1']} %, AMC {amc_paper['resnet56_50pct_flops_top1_after_ft']} % "
                        f"after fine-tuning ({amc_paper['drop_pt']} pt drop).")]
-    lines += _longer_finetunes(problem_dir)
+    lines += _longer_finetunes(problem_dir, finals)
     lines.append("")
     for img in _plots(problem, problem_dir, searches):
         lines.append(f"![best so far, {problem}]({img})")

@@ -74,6 +74,11 @@ class BudgetChecker:
     def reachable(self) -> bool:
         return self.feasible(self.max_ratios)
 
+    def floor(self) -> dict[str, float]:
+        """Each limited resource at the largest allowed ratios: the least the budget can ask for."""
+        res = self.resources(self.max_ratios)
+        return {r: res[r] for r in self.limits}
+
     def project(self, shape: np.ndarray, iters: int = 30, fill: bool = True) -> np.ndarray | None:
         """Least pruning along ``clip(t * shape)`` that meets the budget (bisection on t).
 

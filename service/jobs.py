@@ -68,7 +68,7 @@ def check_budget(spec: JobCreate, num_classes: int, input_size: int) -> dict[str
     if limits:
         checker = BudgetChecker.analytic(graph, constraints, limits)
         if not checker.reachable():
-            floor = checker.resources(checker.max_ratios)
+            floor = checker.floor()
             parts = ", ".join(f"{r} can go down to {floor[r]:.1%} of dense" for r in limits)
             raise InvalidJob(f"budget {spec.budget.describe()} is infeasible under the layer limits "
                              f"(max ratio {constraints.max_ratio}, first layer {constraints.first_layer_max_ratio}): {parts}")
