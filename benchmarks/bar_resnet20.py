@@ -26,8 +26,9 @@ from prunepilot.service.workspace import open_session
 
 RESULTS = Path(__file__).parent / "results" / "bar_resnet20.json"
 VARIANTS = {"uniform": ("uniform", {}), "random": ("random", {}), "optuna-tpe": ("optuna-tpe", {}),
-            "optuna-nsga2": ("optuna-nsga2", {}), "amc": ("amc", {}), "amc-bound": ("amc", {"budget_mode": "bound"}),
-            "amc-x4": ("amc", {"updates_per_step": 4})}
+            "optuna-nsga2": ("optuna-nsga2", {}), "amc": ("amc", {}), "amc-paper": ("amc", {"recipe": "paper"}),
+            "amc-bound": ("amc", {"budget_mode": "bound", "recipe": "paper"}),
+            "amc-x4": ("amc", {"updates_per_step": 4, "recipe": "paper"})}
 
 
 def main() -> None:

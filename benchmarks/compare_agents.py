@@ -47,7 +47,7 @@ from prunepilot.service.settings import get_settings
 from prunepilot.service.workspace import open_session
 
 ROOT = Path(__file__).parent / "results" / "compare"
-ALL_AGENTS = ["uniform", "global", "random", "sensitivity", "optuna-tpe", "optuna-nsga2", "amc", "amc-bound", "netadapt",
+ALL_AGENTS = ["uniform", "global", "random", "sensitivity", "optuna-tpe", "optuna-nsga2", "amc", "amc-paper", "amc-bound", "netadapt",
               "uniform-matched"]
 CHEAP = {"uniform", "global", "random"}
 LIMITS = {"flops": {"flops": 0.5}, "latency": {"latency": 0.7}}
@@ -56,8 +56,12 @@ AGENT_OPTIONS: dict[str, dict[str, Any]] = {"netadapt": {"initial_reduction": 0.
 # NetAdapt's schedule, not a count, decides how many proposals it scores (each with a short
 # fine-tune): it gets a wall-time limit instead, and the report states its evaluations and time.
 NETADAPT_SECONDS = 3 * 3600
-# Named variants of an agent: (agent, options). "amc" itself projects onto the budget (its default).
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"amc-bound": ("amc", {"budget_mode": "bound"})}
+# Named variants of an agent: (agent, options). "amc" itself runs its defaults: projection onto the
+# budget and the tuned recipe; amc-paper is AMC's published recipe (it was amc's default until the
+# tuned recipe replaced it, and its runs were renamed), amc-bound the published recipe with AMC's
+# per-step action bounding.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"amc-paper": ("amc", {"recipe": "paper"}),
+                                                   "amc-bound": ("amc", {"budget_mode": "bound", "recipe": "paper"})}
 # Reported elsewhere (AMC paper, Table 3, original CIFAR-10 test set), not measured here.
 AMC_PAPER = {"resnet56_dense_top1": 92.8, "resnet56_50pct_flops_top1_after_ft": 91.9, "drop_pt": 0.9,
              "uniform_50pct_flops_drop_pt": "not reported for ResNet-56"}

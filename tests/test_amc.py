@@ -10,7 +10,7 @@ from helpers.synthetic import SyntheticEvaluator
 
 from prunepilot.agents import MemoryRecorder, SearchContext, SearchLimits, create_agent
 from prunepilot.agents.amc import EpisodeRewardBuffer, truncated_normal
-from prunepilot.compression import Evaluator, Fidelity, Pruner, build_model
+from prunepilot.compression import Evaluator, Fidelity, PrunePilotError, Pruner, build_model
 from prunepilot.envs import FEATURES, PruningEnv
 
 
@@ -160,3 +160,17 @@ def test_amc_projects_by_default_and_starts_from_uniform(synth20) -> None:
     assert len({tuple(t.metrics["kept"]) for t in trials}) > 1  # later episodes explore
     # projection lands every episode on the budget line, not below it as bounding often does
     assert all(0.48 <= t.metrics["macs_ratio"] <= 0.5 for t in trials)
+
+
+@pytest.mark.parametrize(("recipe", "actor_lr", "warmup"), [("tuned", 1e-3, 4), ("paper", 1e-4, 10)])
+def test_amc_recipes_set_actor_lr_and_warmup(synth20, recipe: str, actor_lr: float, warmup: int) -> None:
+    ctx = SearchContext(synth20, {"flops": 0.5}, SearchLimits(max_evaluations=40), seed=0, agent="amc")
+    agent = create_agent("amc", **({} if recipe == "tuned" else {"recipe": recipe}))
+    result = agent.search(ctx)
+    assert result.info["recipe"] == recipe and result.info["warmup"] == warmup  # its share of the 40 episodes
+    assert agent.model.actor.optimizer.param_groups[0]["lr"] == actor_lr
+
+
+def test_amc_refuses_an_unknown_recipe() -> None:
+    with pytest.raises(PrunePilotError, match="unknown AMC recipe 'fast'.*paper.*tuned"):
+        create_agent("amc", recipe="fast")  # at creation, which is when the API validates a job

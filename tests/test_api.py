@@ -186,6 +186,7 @@ def _job_count(c: Client) -> int:
     ({"arch": "resnet21"}, "unknown architecture 'resnet21'"),
     ({"agent": "nope"}, "unknown agent 'nope'"),
     ({"agent": "amc", "agent_options": {"budget_mod": "bound"}}, "unknown option(s) for agent 'amc': budget_mod"),
+    ({"agent": "amc", "agent_options": {"recipe": "fast"}}, "unknown AMC recipe 'fast'"),
     ({"budget": {"constraints": [{"resource": "flops", "ratio": 1.0}]}}, "ratio must be in (0, 1)"),
     ({"budget": {"constraints": [{"resource": "flops", "ratio": 0.0}]}}, "ratio must be in (0, 1)"),
     ({"budget": {"constraints": [{"resource": "energy", "ratio": 0.5}]}}, "budget.constraints.0.resource"),
