@@ -141,10 +141,9 @@ class SearchContext:
         self.max_ratios = self.pruner.max_ratios()
         # Every agent would otherwise find out its own way (some by never finding a strategy).
         # Resources fall as ratios grow, so the largest allowed ratios are the floor.
-        if not self.budget.reachable():
-            floor = self.budget.floor()
-            detail = ", ".join(f"{r} {100 * v:.1f} % of dense > limit {100 * self.limits[r]:.1f} %"
-                               for r, v in floor.items() if v > self.limits[r] * (1 + 1e-9))
+        missed = self.budget.exceeded(self.budget.max_ratios)
+        if missed:
+            detail = ", ".join(f"{r} {100 * v:.1f} % of dense > limit {100 * self.limits[r]:.1f} %" for r, v in missed.items())
             raise PrunePilotError(f"budget is infeasible under the layer limits: even the largest allowed ratio in every layer "
                                   f"gives {detail}")
 

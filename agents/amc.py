@@ -215,6 +215,7 @@ class AMCAgent(Agent):
         self.recipe_name = str(options.get("recipe") or "tuned")  # None: unset, as for the other options
         if self.recipe_name not in RECIPES:
             raise PrunePilotError(f"unknown AMC recipe {self.recipe_name!r}; choose one of {sorted(RECIPES)}")
+        self.recipe = RECIPES[self.recipe_name]
 
     def _episodes(self, ctx: SearchContext) -> int:
         if ctx.search.max_evaluations is not None:
@@ -225,9 +226,7 @@ class AMCAgent(Agent):
         started = time.perf_counter()
         n_layers = len(ctx.layer_names)
         episodes = self._episodes(ctx)
-        name = self.recipe_name
-        recipe = RECIPES[name]
-        self.warmup = int(self.options.get("warmup", recipe.warmup(episodes)))
+        self.warmup = int(self.options.get("warmup", self.recipe.warmup(episodes)))
         sigma0 = float(self.options.get("sigma", 0.5))
         decay = self.options.get("noise_decay", "auto")
         self.decay = default_decay(episodes, self.warmup, sigma0) if decay == "auto" else float(decay)
@@ -243,7 +242,7 @@ class AMCAgent(Agent):
         # episode on it, as the Optuna agents do, so the search never reports worse than uniform.
         uniform_first = env.budget_mode == "project" and bool(self.options.get("uniform_first", True))
         model = AMCDDPG(
-            "MlpPolicy", env, actor_lr=float(self.options.get("actor_lr", recipe.actor_lr)), critic_lr=float(self.options.get("critic_lr", 1e-3)),
+            "MlpPolicy", env, actor_lr=float(self.options.get("actor_lr", self.recipe.actor_lr)), critic_lr=float(self.options.get("critic_lr", 1e-3)),
             sigma=sigma0, updates_per_step=int(self.options.get("updates_per_step", 1)),
             first_action=float(env.max_ratios.max()) / 2 if uniform_first else None, first_steps=n_layers,
             buffer_size=100 * n_layers, learning_starts=self.warmup * n_layers, batch_size=64, tau=0.01, gamma=1.0,
@@ -264,7 +263,7 @@ class AMCAgent(Agent):
         wall = time.perf_counter() - overhead_start
         eval_s = ctx.evaluator.total_seconds - eval_before
         return ctx.result(
-            episodes=self.episode, recipe=name, warmup=self.warmup, sigma_final=model.sigma, decay=self.decay,
+            episodes=self.episode, recipe=self.recipe_name, warmup=self.warmup, sigma_final=model.sigma, decay=self.decay,
             agent_overhead_s=max(0.0, wall - eval_s), evaluation_s=eval_s,
             forward_share=(ctx.evaluator.forward_seconds - forward_before) / wall if wall > 0 else None,
             seconds=time.perf_counter() - started,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch.nn as nn
@@ -83,9 +84,7 @@ def check_measured_latency(ctx: SearchContext, result: SearchResult, count: int 
     if not applies(ctx, result):
         return result
     limit = ctx.limits["latency"]
-    if measure is None:
-        def measure(model: nn.Module) -> float:
-            return measured_share(ctx, model)
+    measure = measure or partial(measured_share, ctx)
 
     checks: list[LatencyCheck] = []
     timed: dict[int, TrialRecord] = {}

@@ -288,7 +288,8 @@ def main() -> None:
     parser.add_argument("--problem", choices=list(LIMITS), default="flops")
     parser.add_argument("--agents", nargs="*", default=ALL_AGENTS)
     parser.add_argument("--evals", type=int, default=200)
-    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="search: default 0 1 2; finetune: default every seed searched")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="search: default 0 1 2, of which agents other than random run only the first given; "
+                        "finetune: default every seed searched")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--netadapt-minutes", type=float, default=NETADAPT_SECONDS / 60, help="NetAdapt's wall-time limit")
     args = parser.parse_args()

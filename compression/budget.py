@@ -63,8 +63,12 @@ class BudgetChecker:
         return self._resources(self.kept(ratios))
 
     def feasible(self, ratios: np.ndarray) -> bool:
+        return not self.exceeded(ratios)
+
+    def exceeded(self, ratios: np.ndarray) -> dict[str, float]:
+        """The limited resources ``ratios`` leave over their limits, with their values."""
         res = self.resources(ratios)
-        return all(res[r] <= lim * (1 + 1e-9) for r, lim in self.limits.items())
+        return {r: res[r] for r, lim in self.limits.items() if res[r] > lim * (1 + 1e-9)}
 
     def slack(self, ratios: np.ndarray) -> float:
         """Largest relative overshoot over the limits (<= 0 when within budget)."""
