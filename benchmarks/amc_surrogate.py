@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from prunepilot.agents import SearchContext, SearchLimits, create_agent
-from prunepilot.compression import Evaluator, Metrics, Pruner, build_model
+from prunepilot.compression import FormulaEvaluator, Pruner, build_model
 
 TRIALS = Path(__file__).parent / "results" / "compare" / "flops"
 OUT = Path(__file__).parent / "results" / "amc_surrogate.json"
@@ -104,26 +104,6 @@ def fit_surrogate(x: np.ndarray, y: np.ndarray, seed: int = 0) -> tuple[KernelRi
     return KernelRidge(ls, alpha).fit(x, y), {"holdout_spearman": rho, "holdout_rmse": rmse, "lengthscale": ls, "alpha": alpha}
 
 
-class SurrogateEvaluator(Evaluator):
-    """The shared evaluator's interface with the surrogate's accuracy; resources are computed exactly."""
-
-    def __init__(self, pruner: Pruner, model: KernelRidge) -> None:
-        super().__init__(pruner, splits=None)
-        self.model = model
-        self.channels = np.asarray(pruner.graph.channels, dtype=np.float64)
-
-    def evaluate_kept(self, kept, fidelity=None) -> Metrics:  # type: ignore[no-untyped-def, override]
-        self.evaluations += 1
-        kept = np.asarray(kept)
-        res = self.resources(kept)
-        g = self.pruner.graph
-        acc = float(self.model.predict(kept / self.channels)[0])
-        return Metrics(accuracy=acc, macs=int(res["flops"] * g.dense_macs), params=int(res["params"] * g.dense_params), size_bytes=0,
-                       macs_ratio=res["flops"], params_ratio=res["params"], size_ratio=res["size"], latency_ms=None, latency_ratio=None,
-                       latency_source=None, strategy=self.pruner.effective(kept), kept=[int(k) for k in kept], fidelity="surrogate",
-                       wall_time_s=0.0, forward_time_s=0.0, prune_time_s=0.0)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2, 3, 4])
@@ -136,7 +116,7 @@ def main() -> None:
     model, fit = fit_surrogate(x / np.asarray(pruner.graph.channels, dtype=np.float64), y)
     print(f"surrogate from {len(y)} recorded evaluations: hold-out Spearman {fit['holdout_spearman']:.3f}, "
           f"RMSE {fit['holdout_rmse']:.4f} (lengthscale {fit['lengthscale']}, ridge {fit['alpha']})", flush=True)
-    ev = SurrogateEvaluator(pruner, model)
+    ev = FormulaEvaluator(pruner, lambda kept_fraction: float(model.predict(kept_fraction)[0]), tag="surrogate")
     rows = []
     for label, agent, options in RECIPES:
         if args.only and label not in args.only:

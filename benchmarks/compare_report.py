@@ -169,6 +169,78 @@ def _longer_finetunes(problem_dir: Path, short: dict[str, list[dict]]) -> list[s
     return out
 
 
+def _finetune_spread(problem_dir: Path, short: dict[str, list[dict]], dense: dict[str, Any] | None) -> list[str]:  # type: ignore[type-arg]
+    """The main fine-tune repeated with other seeds (data order, augmentation) on one strategy per
+    agent: how far the fine-tune alone moves a result, the yardstick for the differences above."""
+    repeats = sorted((problem_dir / "ft-seeds").glob(f"final-*-e{MAIN_EPOCHS:g}-f*.json"))
+    if not repeats:
+        return []
+    rows: dict[tuple[str, int | None], dict[int, float]] = {}
+    if dense is not None:
+        rows[("dense", None)] = {0: dense["figures"]["dense_finetuned"]["accuracy"] * 100}
+    for p in repeats:
+        d = json.loads(p.read_text())
+        ft_seed = int(p.stem.rsplit("-f", 1)[1])
+        if p.name.startswith("final-dense"):
+            rows.setdefault(("dense", None), {})[ft_seed] = d["figures"]["dense_finetuned"]["accuracy"] * 100
+            continue
+        key = (d["agent"], d["seed"])
+        if key not in rows:
+            main = next((g for g in short.get(d["agent"], []) if g["seed"] == d["seed"]), None)
+            rows[key] = {0: main["figures"]["pruned"]["accuracy"] * 100} if main else {}
+        rows[key][ft_seed] = d["figures"]["pruned"]["accuracy"] * 100
+    seeds = sorted({k for accs in rows.values() for k in accs})
+    out = ["", f"The main {MAIN_EPOCHS:g}-epoch fine-tune repeated with other fine-tune seeds (data order and augmentation; "
+                f"seed 0 is the table's run):", "",
+           "| model (search seed) | " + " | ".join(f"fine-tune seed {k}" for k in seeds) + " | mean ± sd |",
+           "|---|" + "---|" * (len(seeds) + 1)]
+    sds = []
+    for (agent, seed), accs in sorted(rows.items(), key=lambda r: (r[0][0] != "dense", r[0][0])):
+        vals = [accs[k] for k in seeds if k in accs]
+        if len(vals) > 1:
+            sds.append(statistics.stdev(vals))
+        label = agent if seed is None else f"{agent} ({seed})"
+        out.append(f"| {label} | " + " | ".join(f"{accs[k]:.2f} %" if k in accs else "-" for k in seeds) + f" | {_mean_sd(vals)} % |")
+    if sds:
+        sd = statistics.fmean(sds)
+        out += ["", f"Same strategy, same budget, another fine-tune seed: sd {sd:.2f} pt on average. The difference of two "
+                    f"single fine-tunes then has an sd of {sd * 2**0.5:.2f} pt, so a gap between two agents' single runs below about "
+                    f"{2 * sd * 2**0.5:.1f} pt is within the fine-tune's own noise."]
+    return out
+
+
+def _kendall(a: list[float], b: list[float]) -> float:
+    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
+    s = sum((1 if (a[i] - a[j]) * (b[i] - b[j]) > 0 else -1 if (a[i] - a[j]) * (b[i] - b[j]) < 0 else 0) for i, j in pairs)
+    return s / len(pairs) if pairs else float("nan")
+
+
+def _topk(problem_dir: Path) -> list[str]:
+    """Several of one search's best strategies fine-tuned: does search accuracy order them?"""
+    runs: dict[tuple[str, int], list[dict]] = {}  # type: ignore[type-arg]
+    for p in sorted((problem_dir / "topk").glob(f"final-*-e{MAIN_EPOCHS:g}.json")):
+        d = json.loads(p.read_text())
+        runs.setdefault((d["agent"], d["seed"]), []).append(d)
+    if not runs:
+        return []
+    out = ["", f"A search's most accurate distinct strategies, each fine-tuned the same way ({MAIN_EPOCHS:g} epoch; rank 1 is the "
+                "table's run). \"whole val.\": re-scored on the whole 5,000-image validation split, against the search's 1,000:", "",
+           "| agent (seed) | rank | step | search acc. | whole val. | test acc. after fine-tune | params |", "|---|---|---|---|---|---|---|"]
+    notes = []
+    for (agent, seed), rows in sorted(runs.items()):
+        rows.sort(key=lambda r: r["rank"])
+        for r in rows:
+            out.append(f"| {agent} ({seed}) | {r['rank']} | {r['step']} | {r['search_accuracy']:.2%} | {r['whole_val_accuracy']:.2%} "
+                       f"| {r['test_accuracy']:.2%} | {r['params_ratio']:.1%} |")
+        tests = [r["test_accuracy"] for r in rows]
+        if len(rows) > 2:
+            notes.append(f"- {agent} ({seed}): fine-tuned accuracy spans {100 * (max(tests) - min(tests)):.2f} pt; Kendall tau against "
+                         f"search accuracy {_kendall([r['search_accuracy'] for r in rows], tests):+.2f}, against whole-validation "
+                         f"accuracy {_kendall([r['whole_val_accuracy'] for r in rows], tests):+.2f}; the best fine-tuned is rank "
+                         f"{max(rows, key=lambda r: r['test_accuracy'])['rank']}")
+    return out + ["", *notes] if notes else out
+
+
 def section(problem: str, problem_dir: Path, amc_paper: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     searches, finals, dense = _load(problem_dir)
     if not searches:
@@ -217,6 +289,8 @@ def section(problem: str, problem_dir: Path, amc_paper: dict[str, Any]) -> tuple
                        f"dense {amc_paper['resnet56_dense_top1']} %, AMC {amc_paper['resnet56_50pct_flops_top1_after_ft']} % "
                        f"after fine-tuning ({amc_paper['drop_pt']} pt drop).")]
     lines += _longer_finetunes(problem_dir, finals)
+    lines += _finetune_spread(problem_dir, finals, dense)
+    lines += _topk(problem_dir)
     lines.append("")
     for img in _plots(problem, problem_dir, searches):
         lines.append(f"![best so far, {problem}]({img})")

@@ -6,7 +6,7 @@ Knows nothing of agents, HTTP or SQL.
 from .artifacts import FORMATS, export_format, load_artifact, save_artifact
 from .data import DataSplits, ImageSet, Normalizer, decode_image_folder, load_splits
 from .errors import BudgetError, DataError, PrunePilotError, StrategyError, UnknownArchitectureError, WeightsError
-from .evaluate import Evaluator, Fidelity, LatencyModel, Metrics
+from .evaluate import Evaluator, Fidelity, FormulaEvaluator, LatencyModel, Metrics
 from .finalize import FinalResult, finalize
 from .finetune import FinetuneConfig, finetune
 from .graph import LayerInfo, PruningGraph
@@ -20,7 +20,7 @@ from .zoo import arch_info, architectures, build_model, load_model, load_weights
 
 __all__ = [
     "ArchSpec", "Budget", "BudgetError", "CRITERIA", "Constraint", "DataError", "DataSplits", "Evaluator", "FORMATS",
-    "Fidelity", "FinalResult", "FinetuneConfig", "ImageSet", "LatencyModel", "LayerInfo", "Metrics", "Normalizer",
+    "Fidelity", "FinalResult", "FinetuneConfig", "FormulaEvaluator", "ImageSet", "LatencyModel", "LayerInfo", "Metrics", "Normalizer",
     "PrunePilotError", "PrunedModel", "Pruner", "PruningConstraints", "PruningGraph", "RESOURCES", "Strategy",
     "StrategyError", "UnknownArchitectureError", "WeightsError", "arch_info", "architectures", "build_from_spec",
     "build_model", "count_macs", "count_params", "decode_image_folder", "export_format", "finalize", "finetune",

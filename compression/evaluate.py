@@ -275,7 +275,7 @@ class Evaluator:
     def __init__(
         self,
         pruner: Pruner,
-        splits: DataSplits,
+        splits: DataSplits | None,
         fidelity: Fidelity | None = None,
         latency_model: LatencyModel | None = None,
         latency_mode: Literal["off", "predict", "measure"] = "predict",
@@ -303,6 +303,8 @@ class Evaluator:
 
     def data(self, fidelity: Fidelity) -> EvalData:
         key = (fidelity.val_images, fidelity.calib_images)
+        if self.splits is None:
+            raise PrunePilotError("this evaluator was made without data: it cannot measure accuracy")
         if key not in self._data:
             self._data[key] = EvalData.from_splits(self.splits, fidelity.val_images, fidelity.calib_images)
         return self._data[key]
@@ -402,3 +404,34 @@ class Evaluator:
         fidelity = fidelity or self.fidelity
         data = self.data(fidelity)
         return accuracy(copy.deepcopy(self.dense_model), data.val_x, data.val_y, fidelity.batch_size)
+
+
+class FormulaEvaluator(Evaluator):
+    """The evaluator's interface with accuracy from a formula instead of a pruned network.
+
+    Resources come exactly from the pruning graph; nothing is pruned or run, so an evaluation costs
+    microseconds. For tuning and testing search agents: a synthetic landscape whose optimum is
+    known, or a surrogate fitted to recorded real evaluations. ``score`` maps the kept fraction of
+    each prunable layer's channels to an accuracy; ``tag`` names it in the trials' fidelity field.
+    """
+
+    def __init__(self, pruner: Pruner, score: Callable[[np.ndarray], float], tag: str) -> None:
+        super().__init__(pruner, splits=None)
+        self.score = score
+        self.tag = tag
+        self._channels = np.asarray(pruner.graph.channels, dtype=np.float64)
+
+    def evaluate_kept(self, kept: np.ndarray, fidelity: Fidelity | None = None) -> Metrics:
+        self.evaluations += 1
+        kept = np.asarray(kept)
+        res = self.resources(kept)
+        g = self.pruner.graph
+        latency = self.latency_model.predict(kept) if self.latency_model is not None else None
+        return Metrics(
+            accuracy=float(self.score(kept / self._channels)), macs=int(round(res["flops"] * g.dense_macs)),
+            params=int(round(res["params"] * g.dense_params)), size_bytes=int(round(res["size"] * self.dense_size)),
+            macs_ratio=res["flops"], params_ratio=res["params"], size_ratio=res["size"], latency_ms=latency,
+            latency_ratio=res.get("latency"), latency_source="predicted" if latency is not None else None,
+            strategy=self.pruner.effective(kept), kept=[int(k) for k in kept], fidelity=self.tag,
+            wall_time_s=0.0, forward_time_s=0.0, prune_time_s=0.0,
+        )

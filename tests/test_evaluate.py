@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from prunepilot.compression import Evaluator, Fidelity, FinetuneConfig, Pruner, finetune, uniform_strategy
+from prunepilot.compression import (
+    Evaluator,
+    Fidelity,
+    FinetuneConfig,
+    FormulaEvaluator,
+    PrunePilotError,
+    Pruner,
+    finetune,
+    uniform_strategy,
+)
 from prunepilot.compression.data import Normalizer
 from prunepilot.compression.evaluate import accuracy, fold_batchnorm, recalibrate_batchnorm
 from prunepilot.compression.finalize import heldout_tensors
@@ -64,6 +73,21 @@ def test_resources_match_evaluated_metrics(evaluator: Evaluator) -> None:
     assert res["flops"] == pytest.approx(m.macs_ratio)
     assert res["params"] == pytest.approx(m.params_ratio)
     assert res["size"] == pytest.approx(m.size_ratio, rel=0.01)
+
+
+def test_formula_evaluator_reports_the_real_evaluators_resources(evaluator: Evaluator) -> None:
+    formula = FormulaEvaluator(evaluator.pruner, lambda kept_fraction: float(kept_fraction.mean()), tag="mean-kept")
+    ratios = np.random.default_rng(5).uniform(0, 0.7, len(evaluator.pruner.layers))
+    kept = evaluator.pruner.kept_from_vector(ratios)
+    cheap = formula.evaluate_kept(kept)
+    real = evaluator.evaluate_kept(kept, Fidelity(method="none", val_images=100, calib_images=64))
+    assert (cheap.macs, cheap.params, cheap.kept, cheap.strategy) == (real.macs, real.params, real.kept, real.strategy)
+    assert cheap.size_bytes == pytest.approx(real.size_bytes, rel=0.01)
+    # the formula, fed kept fractions, is the accuracy
+    assert cheap.accuracy == pytest.approx(float(np.mean(np.asarray(kept) / np.asarray(evaluator.pruner.graph.channels))))
+    assert cheap.fidelity == "mean-kept" and formula.evaluations == 1
+    with pytest.raises(PrunePilotError, match="without data"):
+        formula.dense_accuracy()
 
 
 def test_reconstruct_and_short_finetune_fidelities_run(evaluator: Evaluator) -> None:
