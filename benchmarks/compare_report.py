@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from scipy.stats import kendalltau
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PLOTS = DOCS / "img"
 BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
@@ -152,13 +154,23 @@ def _targets(problem: str, searches: dict[str, list[dict]], finals: dict[str, li
     return out
 
 
-def _longer_finetunes(problem_dir: Path, short: dict[str, list[dict]]) -> list[str]:  # type: ignore[type-arg]
+def _longer_runs(problem_dir: Path) -> list[tuple[float, dict[str, list[dict]], dict[str, Any]]]:  # type: ignore[type-arg]
+    """(epochs, finals by agent, dense) for each fine-tune length other than the main one that has a dense run."""
+    out = []
+    for epochs in sorted({_epochs_of(f) for f in problem_dir.glob("final-*.json")} - {MAIN_EPOCHS}):
+        finals, dense = _load_finals(problem_dir, epochs)
+        if dense is not None:
+            out.append((epochs, finals, dense))
+    return out
+
+
+def _longer_finetunes(longer: list[tuple[float, dict[str, list[dict]], dict[str, Any]]],  # type: ignore[type-arg]
+                      short: dict[str, list[dict]]) -> list[str]:  # type: ignore[type-arg]
     """Some strategies and the dense model fine-tuned longer (``short``: the main fine-tune's
     results): do the ranking and the drop hold?"""
     out: list[str] = []
-    for epochs in sorted({_epochs_of(f) for f in problem_dir.glob("final-*.json")} - {MAIN_EPOCHS}):
-        finals, dense = _load_finals(problem_dir, epochs)
-        if dense is None or not finals:
+    for epochs, finals, dense in longer:
+        if not finals:
             continue
         d = dense["figures"]["dense_finetuned"]["accuracy"] * 100
         out += ["", f"Longer fine-tune, {epochs:g} epochs (same recipe; the dense model fine-tuned the same way: {d:.2f} %):", "",
@@ -172,13 +184,10 @@ def _longer_finetunes(problem_dir: Path, short: dict[str, list[dict]]) -> list[s
     return out
 
 
-def _longer_drop(problem_dir: Path) -> list[str]:
+def _longer_drop(longer: list[tuple[float, dict[str, list[dict]], dict[str, Any]]]) -> list[str]:  # type: ignore[type-arg]
     """The drop target checked on the longer fine-tunes too (a few runs, not every agent)."""
     best: tuple[float, str, int, float] | None = None
-    for epochs in sorted({_epochs_of(f) for f in problem_dir.glob("final-*.json")} - {MAIN_EPOCHS}):
-        finals, dense = _load_finals(problem_dir, epochs)
-        if dense is None:
-            continue
+    for epochs, finals, dense in longer:
         d = dense["figures"]["dense_finetuned"]["accuracy"] * 100
         for agent, runs in finals.items():
             for f in runs:
@@ -232,12 +241,6 @@ def _finetune_spread(problem_dir: Path, short: dict[str, list[dict]], dense: dic
     return out
 
 
-def _kendall(a: list[float], b: list[float]) -> float:
-    pairs = [(i, j) for i in range(len(a)) for j in range(i + 1, len(a))]
-    s = sum((1 if (a[i] - a[j]) * (b[i] - b[j]) > 0 else -1 if (a[i] - a[j]) * (b[i] - b[j]) < 0 else 0) for i, j in pairs)
-    return s / len(pairs) if pairs else float("nan")
-
-
 def _topk(problem_dir: Path) -> list[str]:
     """Several of one search's best strategies fine-tuned: does search accuracy order them?"""
     runs: dict[tuple[str, int], list[dict]] = {}  # type: ignore[type-arg]
@@ -258,8 +261,8 @@ def _topk(problem_dir: Path) -> list[str]:
         tests = [r["test_accuracy"] for r in rows]
         if len(rows) > 2:
             notes.append(f"- {agent} ({seed}): fine-tuned accuracy spans {100 * (max(tests) - min(tests)):.2f} pt; Kendall tau against "
-                         f"search accuracy {_kendall([r['search_accuracy'] for r in rows], tests):+.2f}, against whole-validation "
-                         f"accuracy {_kendall([r['whole_val_accuracy'] for r in rows], tests):+.2f}; the best fine-tuned is rank "
+                         f"search accuracy {kendalltau([r['search_accuracy'] for r in rows], tests).statistic:+.2f}, against whole-validation "
+                         f"accuracy {kendalltau([r['whole_val_accuracy'] for r in rows], tests).statistic:+.2f}; the best fine-tuned is rank "
                          f"{max(rows, key=lambda r: r['test_accuracy'])['rank']}")
     return out + ["", *notes] if notes else out
 
@@ -307,13 +310,13 @@ def section(problem: str, problem_dir: Path, amc_paper: dict[str, Any]) -> tuple
     if notes:
         lines += ["", "Notes on individual runs:", "", *notes]
     lines += ["", *_targets(problem, searches, finals, dense_acc)]
+    longer = _longer_runs(problem_dir)
     if problem == "flops":
-        lines += _longer_drop(problem_dir)
-    if problem == "flops":
+        lines += _longer_drop(longer)
         lines += ["", ("Reported elsewhere, not measured here (AMC paper, ResNet-56 on the original CIFAR-10 test set, 50 % FLOPs): "
                        f"dense {amc_paper['resnet56_dense_top1']} %, AMC {amc_paper['resnet56_50pct_flops_top1_after_ft']} % "
                        f"after fine-tuning ({amc_paper['drop_pt']} pt drop).")]
-    lines += _longer_finetunes(problem_dir, finals)
+    lines += _longer_finetunes(longer, finals)
     lines += _finetune_spread(problem_dir, finals, dense)
     lines += _topk(problem_dir)
     lines.append("")
