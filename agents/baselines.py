@@ -99,7 +99,8 @@ class SensitivityAgent(Agent):
             grid = np.linspace(ctx.max_ratios[i] / points, ctx.max_ratios[i], points)
             curves[i] = [(0.0, base)]
             for r in grid:
-                if ctx.exhausted():
+                # Keep one evaluation for the chosen profile: small budgets cut the scan short instead.
+                if ctx.exhausted() or (budget is not None and ctx.step >= budget - 1):
                     break
                 ratios = np.zeros(n)
                 ratios[i] = r

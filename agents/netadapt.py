@@ -57,6 +57,7 @@ class _Shared:
     lr: float
     batch_size: int
     seed: int
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,7 +71,7 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
     t0 = time.perf_counter()
     model = build_from_spec(ArchSpec.from_dict(shared.spec), shared.weights)
     pruner = Pruner(model, shared.spec["arch"], int(shared.spec["num_classes"]), int(shared.spec["input_size"]),
-                    PruningConstraints(max_ratio=0.999, first_layer_max_ratio=0.999), criterion="l2")
+                    PruningConstraints(max_ratio=0.999, first_layer_max_ratio=0.999, exclude=shared.exclude), criterion="l2")
     if len(pruner.layers) != len(shared.current_kept):
         raise PrunePilotError("the current network lost a prunable layer; raise the minimum channels per layer")
     kept_here = np.array(shared.current_kept)
@@ -145,7 +146,7 @@ class NetAdaptAgent(Agent):
             first = ctx.step
             todo = [j for j in range(len(props)) if not ctx.is_recorded(first + j)]
             shared = _Shared(spec.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()},
-                             [int(k) for k in kept], data, steps, lr, batch, ctx.seed + iteration)
+                             [int(k) for k in kept], data, steps, lr, batch, ctx.seed + iteration, pruner.constraints.exclude)
             outputs = dict(zip(todo, ctx.map(run_proposal, shared, [props[j] for j in todo]), strict=True))
             trials = []
             for j, prop in enumerate(props):

@@ -5,7 +5,11 @@ search with AMC and uniform, fine-tune each best strategy and the dense model id
 report final test accuracy, search wall time and the share of search time in forward passes.
 Targets: AMC >= uniform + 1.0 pt after fine-tuning; search < 1 hour; >= 85 % in forward passes.
 
-    python benchmarks/amc_resnet56.py [--episodes 200] [--epochs 3]
+``--problem flops-all`` (default) searches every prunable layer, the residual channels included (the
+engine's default space); ``--problem flops`` only the block-internal convs (the space of the
+comparison's first runs).
+
+    python benchmarks/amc_resnet56.py [--problem flops-all] [--episodes 200] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--epochs", type=float, default=3.0)
+    parser.add_argument("--problem", choices=["flops-all", "flops"], default="flops-all")
     args = parser.parse_args()
-    run_search("flops", ["uniform", "amc"], args.episodes, [0])
-    run_finetune("flops", args.epochs, ["uniform", "amc"])
-    d = ROOT / "flops"
+    run_search(args.problem, ["uniform", "amc"], args.episodes, [0])
+    run_finetune(args.problem, args.epochs, ["uniform", "amc"])
+    d = ROOT / args.problem
     amc_s = json.loads((d / "search-amc-s0.json").read_text())
     amc_f = json.loads((d / f"final-amc-s0-e{args.epochs:g}.json").read_text())
     uni_f = json.loads((d / f"final-uniform-s0-e{args.epochs:g}.json").read_text())

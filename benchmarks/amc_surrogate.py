@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from prunepilot.agents import SearchContext, SearchLimits, create_agent
-from prunepilot.compression import FormulaEvaluator, Pruner, build_model
+from prunepilot.compression import FormulaEvaluator, Pruner, PruningConstraints, build_model
+from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 
 TRIALS = Path(__file__).parent / "results" / "compare" / "flops"
 OUT = Path(__file__).parent / "results" / "amc_surrogate.json"
@@ -111,7 +112,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", default=None, help="labels of the recipes to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    pruner = Pruner(build_model("resnet56"), "resnet56", 10, 32)
+    # the recorded trials come from the flops problem, whose space is the block-internal convs
+    pruner = Pruner(build_model("resnet56"), "resnet56", 10, 32, PruningConstraints(exclude=RESIDUAL_ROOTS))
     x, y = load_trials()
     model, fit = fit_surrogate(x / np.asarray(pruner.graph.channels, dtype=np.float64), y)
     print(f"surrogate from {len(y)} recorded evaluations: hold-out Spearman {fit['holdout_spearman']:.3f}, "

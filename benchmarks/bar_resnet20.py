@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from prunepilot.agents import SearchContext, SearchLimits, create_agent
-from prunepilot.compression import Evaluator, Fidelity
+from prunepilot.compression import Evaluator, Fidelity, PruningConstraints
+from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 from prunepilot.compression.evaluate import accuracy, recalibrate_batchnorm
 from prunepilot.compression.finalize import heldout_tensors
 from prunepilot.service.settings import get_settings
@@ -39,7 +40,9 @@ def main() -> None:
     args = parser.parse_args()
     s = get_settings()
     torch.set_num_threads(s.threads)
-    session = open_session("resnet20", s.shared_weights_dir / "resnet20-cifar10.th", "cifar10-jpeg", s, progress=True)
+    # block-internal convs only: the space the recorded results were measured in
+    session = open_session("resnet20", s.shared_weights_dir / "resnet20-cifar10.th", "cifar10-jpeg", s,
+                           PruningConstraints(exclude=RESIDUAL_ROOTS), progress=True)
     ev = Evaluator(session.pruner, session.splits, Fidelity(val_images=1000, calib_images=1024))
     x, y = heldout_tensors(session.splits)
     calib = ev.data(ev.fidelity).calib_x

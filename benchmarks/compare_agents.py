@@ -19,6 +19,9 @@ Problem ``flops``: 50 % of dense MACs. Problem ``latency``: 70 % of dense latenc
 this CPU (latency lookup table, measured at the end). 70 %, not 60 %: with ResNet-56's prunable
 convs (each block's first) at the 80 % layer limit, the measured latency floor at batch 1 here is
 about 61 % of dense, so a 60 % budget is infeasible and would leave no room to search.
+Both searched only those block-first convs (the space at the time; kept so the results reproduce).
+Problem ``flops-all``: 50 % of dense MACs with every layer prunable, the residual channels of each
+stage (stem and block outputs, one ratio per stage) included.
 
 The latency problem's table and calibration are kept with its results (latency_table.json,
 latency_calibration.json), so every agent predicts with one latency model; every agent is judged
@@ -41,9 +44,10 @@ import torch
 
 from prunepilot.agents import SearchContext, SearchLimits, SearchResult, TrialRecord, check_measured_latency, create_agent
 from prunepilot.compression import Evaluator, Fidelity, FinetuneConfig, finalize
+from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
 from prunepilot.compression.measure import measure_pair
-from prunepilot.compression.strategy import uniform_strategy
+from prunepilot.compression.strategy import PruningConstraints, uniform_strategy
 from prunepilot.service.settings import get_settings
 from prunepilot.service.workspace import open_session
 
@@ -51,7 +55,11 @@ ROOT = Path(__file__).parent / "results" / "compare"
 ALL_AGENTS = ["uniform", "global", "random", "sensitivity", "optuna-tpe", "optuna-nsga2", "amc", "amc-paper", "amc-bound", "netadapt",
               "uniform-matched"]
 CHEAP = {"uniform", "global", "random"}
-LIMITS = {"flops": {"flops": 0.5}, "latency": {"latency": 0.7}}
+LIMITS = {"flops": {"flops": 0.5}, "latency": {"latency": 0.7}, "flops-all": {"flops": 0.5}}
+# The problems flops and latency were run when the residual channels could not be pruned; they keep
+# that search space so their results stay reproducible. flops-all is the FLOPs problem with every
+# layer prunable.
+EXCLUDE: dict[str, tuple[str, ...]] = {"flops": RESIDUAL_ROOTS, "latency": RESIDUAL_ROOTS, "flops-all": ()}
 # Agent options for this benchmark (documented in docs/benchmarks.md).
 AGENT_OPTIONS: dict[str, dict[str, Any]] = {"netadapt": {"initial_reduction": 0.03, "decay": 0.98, "short_steps": 20}}
 # NetAdapt's schedule, not a count, decides how many proposals it scores (each with a short
@@ -101,7 +109,8 @@ def problem_dir(problem: str) -> Path:
 def setup(problem: str):  # type: ignore[no-untyped-def]
     s = get_settings()
     torch.set_num_threads(s.threads)
-    session = open_session("resnet56", s.shared_weights_dir / "resnet56-cifar10.th", "cifar10-jpeg", s, progress=True)
+    session = open_session("resnet56", s.shared_weights_dir / "resnet56-cifar10.th", "cifar10-jpeg", s,
+                           PruningConstraints(exclude=EXCLUDE[problem]), progress=True)
     table = None
     if problem == "latency":
         # The problem's latency model is part of its results: table entries and calibration are kept

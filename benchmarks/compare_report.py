@@ -17,6 +17,14 @@ BEGIN, END = "<!-- compare:begin -->", "<!-- compare:end -->"
 MAIN_EPOCHS = 1.0  # the fine-tune every agent gets; longer ones, for a few, are reported apart
 
 
+SPACES = {
+    "flops": "Searched space: each block's first conv (27 layers); the residual channels stay whole.",
+    "latency": "Searched space: each block's first conv (27 layers); the residual channels stay whole.",
+    "flops-all": ("Searched space: every layer (30): each block's first conv and, one ratio per stage, the residual "
+                  "channels (the stem and every block output of the stage, tied by the additions)."),
+}
+
+
 def _epochs_of(path: Path) -> float:
     return float(path.stem.rsplit("-e", 1)[1])
 
@@ -111,7 +119,7 @@ def _targets(problem: str, searches: dict[str, list[dict]], finals: dict[str, li
     """The issue's targets, checked against whatever has been measured so far."""
     out = ["Targets (computed from the figures above):", ""]
     amc, uni, tpe = _final_mean(finals, "amc"), _final_mean(finals, "uniform"), _final_mean(finals, "optuna-tpe")
-    if problem == "flops":
+    if problem.startswith("flops"):
         ok = None if amc is None or uni is None else amc >= uni + 1.0
         gap = f" (AMC {amc:.2f} % vs uniform {uni:.2f} %)" if amc is not None and uni is not None else ""
         out.append(f"- AMC >= uniform + 1.0 pt after fine-tuning: {_verdict(ok)}{gap}")
@@ -273,6 +281,8 @@ def section(problem: str, problem_dir: Path, amc_paper: dict[str, Any]) -> tuple
         return "", {}
     dense_acc = dense["figures"]["dense_finetuned"]["accuracy"] if dense else None
     lines = [f"### Problem: ResNet-56, {problem} budget", ""]
+    if problem in SPACES:
+        lines += [SPACES[problem], ""]
     if dense:
         d0, d1 = dense["figures"]["dense"], dense["figures"]["dense_finetuned"]
         lines.append(f"Dense ResNet-56 on the 10,000 JPEG test images: {d0['accuracy']:.2%} as downloaded, "

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prunepilot.compression import Pruner, build_model, load_model
+from prunepilot.compression import Pruner, PruningConstraints, build_model, load_model
+from prunepilot.compression.cifar_resnet import CIFAR_RESNET_DEPTHS, RESIDUAL_ROOTS
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
 from prunepilot.compression.measure import measure_pair
 from prunepilot.service.settings import get_settings
@@ -43,7 +44,8 @@ def main() -> None:
     out = {}
     for arch in args.models:
         model = model_for(arch)
-        pruner = Pruner(model, arch, 10, 32)
+        # CIFAR ResNets: block-internal convs only, the space the recorded results were measured in
+        pruner = Pruner(model, arch, 10, 32, PruningConstraints(exclude=RESIDUAL_ROOTS if arch in CIFAR_RESNET_DEPTHS else ()))
         table = LatencyTable(pruner.graph, pruner.model, store, args.batch, args.threads)
         t0 = time.perf_counter()
         measured_entries = table.build()

@@ -6,27 +6,90 @@ checkpoints load after stripping the ``module.`` prefix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+import torch_pruning as tp
 from torch import nn
 
 CIFAR_RESNET_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+# The prunable layers that carry each stage's residual channels (the stem and the stage's block
+# outputs, one ratio per stage). Excluding them gives the space of block-internal convs only, the
+# only space before the option-A shortcut became prunable; benchmarks run then keep it.
+RESIDUAL_ROOTS = ("conv1", "layer2.0.conv2", "layer3.0.conv2")
 
 
 class ShortcutA(nn.Module):
-    """Option-A shortcut: subsample spatially, zero-pad the channel dimension.
+    """Option-A shortcut: subsample spatially, place the input channels among zero channels.
 
-    A named module (not a lambda) so models stay picklable for Ray and traceable by
-    ``torch.export``. Its channel arithmetic is invisible to the dependency graph,
-    which is why block outputs are never pruned on these models.
+    The original pads ``planes // 4`` zero channels on each side (``F.pad``). That arithmetic is
+    invisible to the dependency graph, so block outputs could not be pruned. Here the placement is
+    an explicit map, ``index[j]`` = the input channel feeding output channel j, or ``in_channels``
+    for a zero channel; the same numbers, computed by a gather the graph can follow, and
+    :class:`ShortcutAPruner` keeps the map consistent when either side loses channels.
+
+    A named module (not a lambda) so models stay picklable for Ray and traceable by ``torch.export``.
+    The map is a buffer, so a pruned model's map travels with its weights; checkpoints of the dense
+    model have no such entry and get the default (``index`` is in :data:`DEFAULT_BUFFERS`).
     """
 
-    def __init__(self, pad: int) -> None:
+    def __init__(self, in_planes: int, planes: int) -> None:
         super().__init__()
-        self.pad = pad
+        pad = planes // 4
+        index = torch.full((planes,), in_planes, dtype=torch.long)
+        index[pad:pad + in_planes] = torch.arange(in_planes)
+        self.in_channels = in_planes
+        self.register_buffer("index", index)
+
+    @property
+    def out_channels(self) -> int:
+        return int(self.index.numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, self.pad, self.pad), "constant", 0.0)
+        sub = x[:, :, ::2, ::2]
+        zero = sub.new_zeros(sub.shape[0], 1, sub.shape[2], sub.shape[3])
+        return torch.cat([sub, zero], 1).index_select(1, self.index)
+
+    def resize(self, in_channels: int, out_channels: int) -> None:
+        """Shape the map for a pruned spec; its values come from the pruned model's weights."""
+        self.in_channels = in_channels
+        self.index = torch.full((out_channels,), in_channels, dtype=torch.long)
+
+
+class ShortcutAPruner(tp.pruner.BasePruningFunc):
+    """Torch-Pruning handler for :class:`ShortcutA`: output and input channels prune independently."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, ShortcutA)
+        keep = torch.ones(layer.out_channels, dtype=torch.bool)
+        keep[list(idxs)] = False
+        layer.index = layer.index[keep].clone()
+        return layer
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        assert isinstance(layer, ShortcutA)
+        keep = torch.ones(layer.in_channels, dtype=torch.bool)
+        keep[list(idxs)] = False
+        kept = int(keep.sum())
+        # Old input channel -> new one; removed channels and the zero channel map to the new zero.
+        remap = torch.full((layer.in_channels + 1,), kept, dtype=torch.long)
+        remap[:-1][keep] = torch.arange(kept)
+        layer.index = remap[layer.index]
+        layer.in_channels = kept
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.out_channels  # type: ignore[return-value]
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.in_channels  # type: ignore[return-value]
+
+
+# Module type -> Torch-Pruning handler, for layers the dependency graph cannot handle by itself.
+CUSTOM_PRUNERS: dict[type[nn.Module], tp.pruner.BasePruningFunc] = {ShortcutA: ShortcutAPruner()}
+# Module type -> buffers that dense checkpoints may lack (they are derived from the architecture).
+DEFAULT_BUFFERS: dict[type[nn.Module], tuple[str, ...]] = {ShortcutA: ("index",)}
 
 
 class BasicBlock(nn.Module):
@@ -40,7 +103,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
-            self.shortcut = ShortcutA(planes // 4)
+            self.shortcut = ShortcutA(in_planes, planes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))

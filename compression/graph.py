@@ -11,7 +11,7 @@ agents can check budgets without pruning anything.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,10 +19,11 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from .cifar_resnet import CUSTOM_PRUNERS
 from .errors import StrategyError
 
 # Ops whose channel arithmetic Torch-Pruning cannot see: a group passing through one of them
-# (e.g. the zero-padded option-A shortcut of CIFAR ResNets) would be pruned inconsistently.
+# (e.g. channel padding with ``F.pad``) would be pruned inconsistently, so such groups stay whole.
 _UNSAFE_GRAD_FNS = ("ConstantPadNd", "Slice", "Pad", "Roll", "Gather", "IndexBackward", "Unfold")
 
 _PARAM_TYPES = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
@@ -58,6 +59,7 @@ class _Step:
     handler: Callable[[nn.Module, list[int]], nn.Module]
     targets: np.ndarray  # channel index in this module, aligned with ``roots``
     roots: np.ndarray  # root channel index each target follows
+    outputs: bool = False  # prunes the output channels of a conv / linear
 
 
 @dataclass
@@ -94,10 +96,17 @@ def _module_kind(m: nn.Module) -> str | None:
     return None
 
 
+def trace_dependencies(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
+    """Torch-Pruning's dependency graph, with our handlers for layers it cannot follow by itself."""
+    custom = {t: p for t, p in CUSTOM_PRUNERS.items() if any(isinstance(m, t) for m in model.modules())}
+    return tp.DependencyGraph().build_dependency(model, example_inputs=example, customized_pruners=custom)
+
+
 class PruningGraph:
     """Prunable layers, pruning plans and the analytic cost model of one architecture."""
 
-    def __init__(self, model: nn.Module, input_size: int, batch_size: int = 1) -> None:
+    def __init__(self, model: nn.Module, input_size: int, batch_size: int = 1, exclude: Collection[str] = ()) -> None:
+        """``exclude``: layers to leave whole, named by any conv/linear of their channel group."""
         model = model.eval()
         self.input_size = input_size
         self.batch_size = batch_size
@@ -134,11 +143,13 @@ class PruningGraph:
             else:
                 self.costs[name] = _ModuleCost("bn", m.num_features, m.num_features, 0, 0, 1, m.affine)
 
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+        dg = trace_dependencies(model, example)
         output_layers = self._output_layers(order, shapes)
         self.layers: list[LayerInfo] = []
         self._plans: list[list[_Step]] = []
         seen: set[str] = set()
+        excludable: set[str] = set()
+        roots: list[str] = []
         for name in order:
             m = model.get_submodule(name)
             if name in seen or not isinstance(m, (nn.Conv2d, nn.Linear)) or name in output_layers:
@@ -152,6 +163,10 @@ class PruningGraph:
             seen.update(coupled)
             if not safe or any(c in output_layers for c in coupled):
                 continue
+            excludable.update(coupled)
+            roots.append(name)
+            if any(c in exclude for c in coupled):
+                continue
             gid = len(self.layers)
             for step in plan:
                 cost = self.costs.get(step.module)
@@ -163,6 +178,12 @@ class PruningGraph:
                     cost.in_groups.append((gid, len(step.targets) / channels))
             self._plans.append(plan)
             self.layers.append(self._layer_info(gid, name, coupled, m, shapes[name]))
+        unknown = sorted(set(exclude) - excludable)
+        if unknown:
+            raise StrategyError(
+                f"cannot exclude {', '.join(unknown[:5])}: not a prunable layer; prunable layers are e.g. "
+                + ", ".join(roots[:3])
+            )
         # Group MACs need every group's in/out assignment, so fill them in a second pass.
         self.layers = [
             LayerInfo(**{**layer.__dict__, "group_flops": self._group_macs(layer.index)}) for layer in self.layers
@@ -201,8 +222,9 @@ class PruningGraph:
             if target not in names:
                 continue  # TP's virtual ops (concat/split/reshape) carry no parameters
             name = names[target]
-            plan.append(_Step(name, dep.handler, np.asarray(idxs, dtype=np.int64), np.asarray(item.root_idxs, dtype=np.int64)))
-            if dg.is_out_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear)):
+            outputs = dg.is_out_channel_pruning_fn(dep.handler) and isinstance(target, (nn.Conv2d, nn.Linear))
+            plan.append(_Step(name, dep.handler, np.asarray(idxs, dtype=np.int64), np.asarray(item.root_idxs, dtype=np.int64), outputs))
+            if outputs:
                 coupled.append(name)
         return plan, tuple(dict.fromkeys(coupled)), safe
 
@@ -299,3 +321,13 @@ class PruningGraph:
                 if len(idxs):
                     step.handler(pruned.get_submodule(step.module), sorted(int(i) for i in idxs))
         return pruned
+
+    def kept_outputs(self, keep: Mapping[int, np.ndarray]) -> dict[str, np.ndarray]:
+        """For each conv / linear whose outputs :meth:`prune` shrinks, the dense output channels it keeps."""
+        out: dict[str, np.ndarray] = {}
+        for gid, kept in keep.items():
+            kept = np.asarray(kept, dtype=np.int64)
+            for step in self._plans[gid]:
+                if step.outputs:
+                    out[step.module] = np.sort(step.targets[np.isin(step.roots, kept)])
+        return out

@@ -16,7 +16,7 @@ import torch_pruning as tp
 from torch import nn
 
 from .errors import StrategyError
-from .graph import PruningGraph
+from .graph import PruningGraph, trace_dependencies
 
 Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
 CRITERIA: tuple[str, ...] = get_args(Criterion)
@@ -54,7 +54,7 @@ def importance_scores(
         F.cross_entropy(work(images), labels).backward()
         work.eval()
     example = torch.randn(1, 3, graph.input_size, graph.input_size)
-    dg = tp.DependencyGraph().build_dependency(work, example_inputs=example)
+    dg = trace_dependencies(work, example)
     scores = []
     for layer in graph.layers:
         module = work.get_submodule(layer.name)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ class PrunedModel:
     spec: ArchSpec
     strategy: Strategy  # the ratios actually applied, after constraints and rounding
     kept: list[int]  # channels kept per prunable layer
+    # dense output channels kept by each conv / linear whose outputs shrank (for reconstruction)
+    kept_outputs: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Pruner:
@@ -41,7 +43,7 @@ class Pruner:
         self.num_classes = num_classes
         self.input_size = input_size
         self.constraints = constraints or PruningConstraints()
-        self.graph = PruningGraph(model, input_size)
+        self.graph = PruningGraph(model, input_size, exclude=self.constraints.exclude)
         self.criterion = criterion
         self._taylor_batch = taylor_batch
         self._scores: list[np.ndarray] | None = None
@@ -90,7 +92,7 @@ class Pruner:
                 keep[i] = np.sort(order[: int(k)])
         pruned = self.graph.prune(self.model, keep)
         spec = spec_of(pruned, self.arch, self.num_classes, self.input_size)
-        return PrunedModel(pruned.eval(), spec, self.effective(kept), [int(k) for k in kept])
+        return PrunedModel(pruned.eval(), spec, self.effective(kept), [int(k) for k in kept], self.graph.kept_outputs(keep))
 
     def prune(self, strategy: Mapping[str, float]) -> PrunedModel:
         return self.prune_kept(self.kept_channels(strategy))

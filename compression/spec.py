@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cifar_resnet import ShortcutA
 from .errors import WeightsError
 from .zoo import build_model, load_weights
 
@@ -49,6 +50,8 @@ def _widths(m: nn.Module) -> dict[str, int] | None:
         return {"in_features": m.in_features, "out_features": m.out_features}
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return {"num_features": m.num_features}
+    if isinstance(m, ShortcutA):
+        return {"in_channels": m.in_channels, "out_channels": m.out_channels}
     return None
 
 
@@ -89,6 +92,8 @@ def _resize(m: nn.Module, w: dict[str, int]) -> None:
         if m.track_running_stats:
             m.running_mean = torch.zeros(n)
             m.running_var = torch.ones(n)
+    elif isinstance(m, ShortcutA):
+        m.resize(w["in_channels"], w["out_channels"])
     else:
         raise WeightsError(f"spec resizes an unsupported layer type {type(m).__name__}")
 

@@ -25,14 +25,18 @@ class PruningConstraints:
     ``max_ratio`` 0.8 follows AMC (keep ratio >= 0.2); the first prunable layer is held to 50 %
     because early features are shared by everything after them; ``round_to`` rounds kept channel
     counts to a multiple (hardware-friendly widths), off by default; at least one channel stays.
+    ``exclude`` names layers to leave whole (any conv/linear of their channel group); they drop
+    out of the prunable layers altogether, so strategies and agents never see them.
     """
 
     max_ratio: float = 0.8
     first_layer_max_ratio: float = 0.5
     round_to: int | None = None
     min_channels: int = 1
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple(self.exclude))  # lists arrive from JSON
         if not 0.0 <= self.max_ratio < 1.0:
             raise StrategyError(f"max_ratio must be in [0, 1), got {self.max_ratio}")
         if not 0.0 <= self.first_layer_max_ratio < 1.0:

@@ -10,7 +10,7 @@ import torch
 import torchvision.models as tvm
 from torch import nn
 
-from .cifar_resnet import CIFAR_RESNET_DEPTHS, cifar_resnet
+from .cifar_resnet import CIFAR_RESNET_DEPTHS, DEFAULT_BUFFERS, cifar_resnet
 from .errors import UnknownArchitectureError, WeightsError
 
 CIFAR_MEAN = (0.485, 0.456, 0.406)
@@ -118,8 +118,10 @@ def normalize_state_dict(raw: object, source: str = "weights") -> dict[str, torc
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "weights") -> nn.Module:
     """Load ``state_dict`` strictly; a mismatch names the missing, unexpected and mis-shaped keys."""
     expected = model.state_dict()
-    # Older checkpoints predate BatchNorm's num_batches_tracked buffer; it does not affect outputs.
-    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
+    # Older checkpoints predate BatchNorm's num_batches_tracked buffer (it does not affect outputs);
+    # dense checkpoints lack buffers the architecture derives (DEFAULT_BUFFERS), which keep their defaults.
+    derived = {f"{name}.{buffer}" for name, m in model.named_modules() for buffer in DEFAULT_BUFFERS.get(type(m), ())}
+    missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked") and k not in derived]
     unexpected = [k for k in state_dict if k not in expected]
     shapes = [
         f"{k} {tuple(state_dict[k].shape)} != {tuple(v.shape)}"

@@ -95,6 +95,7 @@ def prune(
     criterion: Annotated[str, typer.Option(help=f"channel importance: {', '.join(CRITERIA)}")] = "l2",
     round_to: Annotated[int | None, typer.Option(help="round kept channels to a multiple")] = None,
     max_ratio: Annotated[float, typer.Option(help="largest ratio any layer may take")] = 0.8,
+    exclude: Annotated[list[str] | None, typer.Option(help="a layer to leave whole (repeatable; names as `prunepilot profile` lists them)")] = None,
     finetune_epochs: Annotated[float, typer.Option(help="epochs of fine-tuning after pruning")] = 0.0,
     lr: Annotated[float, typer.Option(help="fine-tune learning rate")] = 0.01,
     distill: Annotated[bool, typer.Option(help="distil from the dense model while fine-tuning")] = False,
@@ -114,7 +115,9 @@ def prune(
     torch.set_num_threads(settings.threads)
     from .workspace import open_session
 
-    constraints = PruningConstraints(max_ratio=max_ratio, round_to=round_to)
+    constraints = PruningConstraints(max_ratio=max_ratio, round_to=round_to, exclude=tuple(exclude or ()))
+    if constraints.exclude:  # a misspelt layer fails here, before the data set is decoded
+        PruningGraph(build_model(arch), arch_info(arch).input_size, exclude=constraints.exclude)
     session = open_session(arch, weights, data, settings, constraints, criterion, progress=True)
     chosen = uniform_strategy(session.pruner.layer_names, uniform) if uniform is not None else _load_strategy(strategy)  # type: ignore[arg-type]
     config = FinetuneConfig(epochs=finetune_epochs, lr=lr, distill=distill)

@@ -14,6 +14,7 @@ from prunepilot.compression import (
     BudgetError,
     PrunePilotError,
     PruningConstraints,
+    StrategyError,
     arch_info,
     build_model,
     size_on_disk,
@@ -52,10 +53,13 @@ class UploadedFile:
 def check_budget(spec: JobCreate, num_classes: int, input_size: int) -> dict[str, float]:
     """Ratio limits for the analytic resources; rejects budgets the layer limits cannot reach."""
     model = build_model(spec.arch, num_classes)
-    graph = PruningGraph(model, input_size)
-    if not graph.layers:
-        raise InvalidJob(f"{spec.arch} has no prunable layers")
     constraints = PruningConstraints(**spec.constraints.model_dump())
+    try:
+        graph = PruningGraph(model, input_size, exclude=constraints.exclude)
+    except StrategyError as exc:
+        raise InvalidJob(str(exc)) from None
+    if not graph.layers:
+        raise InvalidJob(f"{spec.arch} has no prunable layers" + (" left after the exclusions" if constraints.exclude else ""))
     dense = {"flops": float(graph.dense_macs), "params": float(graph.dense_params), "size": float(size_on_disk(model)), "latency": None}
     limits: dict[str, float] = {}
     for c in spec.budget.constraints:

@@ -51,6 +51,10 @@ class ConstraintsSpec(BaseModel):
     max_ratio: float = Field(default=0.8, ge=0, lt=1)
     first_layer_max_ratio: float = Field(default=0.5, ge=0, lt=1)
     round_to: int | None = Field(default=None, ge=1)
+    exclude: list[str] = Field(
+        default_factory=list, max_length=1000,
+        description="layers to leave whole, named by any conv/linear of their channel group (as `prunepilot profile` lists them)",
+    )
 
 
 class MeasureSpec(BaseModel):

@@ -114,7 +114,7 @@ def test_sensitivity_records_curves(evaluator: Evaluator) -> None:
     ctx = ctx_for(evaluator, "sensitivity", evals=30)
     result = create_agent("sensitivity", points=2).search(ctx)
     curves = [t for t in ctx.recorder.existing() if t.kind == "sensitivity"]
-    assert len(curves) == 1 + 2 * 9
+    assert len(curves) == 1 + 2 * len(ctx.layer_names)
     assert set(result.info["curves"]) == set(evaluator.pruner.layer_names)
     assert result.best.kind == "search"
 

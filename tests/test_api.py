@@ -193,6 +193,7 @@ def _job_count(c: Client) -> int:
     ({"budget": {"constraints": [{"resource": "flops", "ratio": 0.05}]}}, "infeasible under the layer limits"),
     ({"budget": {"constraints": [{"resource": "params", "value": 1e9}]}}, "not below the dense model"),
     ({"criterion": "random"}, "unknown criterion"),
+    ({"constraints": {"exclude": ["layer9.conv"]}}, "cannot exclude layer9.conv: not a prunable layer"),
     ({"search": {"max_evaluations": 0}}, "search.max_evaluations"),
     ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
 ])

@@ -14,7 +14,7 @@ from prunepilot.compression.strategy import from_vector
 @pytest.fixture(scope="module")
 def artifact(resnet20, tmp_path_factory: pytest.TempPathFactory):
     pruner = Pruner(resnet20, "resnet20", 10, 32)
-    pruned = pruner.prune(from_vector(np.linspace(0.1, 0.7, 9), pruner.layer_names))
+    pruned = pruner.prune(from_vector(np.linspace(0.1, 0.7, len(pruner.layers)), pruner.layer_names))
     path = save_artifact(pruned.model, pruned.spec, tmp_path_factory.mktemp("art"), {"note": "test"})
     return path, pruned.model
 

@@ -30,16 +30,20 @@ def test_profile_lists_prunable_layers(resnet20_weights: Path, cli_env) -> None:
     r = run_cli("profile", "--arch", "resnet20", "--weights", str(resnet20_weights), "--json", env_extra=cli_env)
     assert r.returncode == 0, r.stderr
     layers = json.loads(r.stdout)
-    assert [x["name"] for x in layers][:2] == ["layer1.0.conv1", "layer1.1.conv1"]
-    first = layers[0]
+    assert [x["name"] for x in layers][:2] == ["conv1", "layer1.0.conv1"]
+    stem, first = layers[0], layers[1]
+    assert (stem["c_in"], stem["c_out"], stem["kernel"]) == (3, 16, 3)
+    assert set(stem["coupled"]) == {"conv1", "layer1.0.conv2", "layer1.1.conv2", "layer1.2.conv2"}  # the stage's residual channels
     assert (first["c_in"], first["c_out"], first["h"], first["w"], first["kernel"], first["stride"]) == (16, 16, 32, 32, 3, 1)
     assert first["flops"] == 16 * 16 * 9 * 32 * 32
 
 
 def test_prune_end_to_end(mini_zip: Path, resnet20_weights: Path, tmp_path: Path, cli_env) -> None:
     out = tmp_path / "out"
+    # residual channels left whole: uniform 0.5 on the block-internal convs halves the MACs
+    streams = ["--exclude", "conv1", "--exclude", "layer2.0.conv2", "--exclude", "layer3.0.conv2"]
     r = run_cli("prune", "--arch", "resnet20", "--weights", str(resnet20_weights), "--data", str(mini_zip), "--uniform", "0.5",
-                "--finetune-epochs", "0.2", "--out", str(out), env_extra=cli_env)
+                *streams, "--finetune-epochs", "0.2", "--out", str(out), env_extra=cli_env)
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout and "latency b1" in r.stdout
     report = json.loads((out / "report.json").read_text())
@@ -59,6 +63,7 @@ def test_prune_end_to_end(mini_zip: Path, resnet20_weights: Path, tmp_path: Path
         (["--arch", "resnet20", "--uniform", "-0.2"], "--uniform must be in [0, 1)"),
         (["--arch", "resnet20", "--uniform", "0.5", "--data", "/no/such/data"], "data not found"),
         (["--arch", "resnet20", "--uniform", "0.5", "--criterion", "random"], "unknown --criterion"),
+        (["--arch", "resnet20", "--uniform", "0.5", "--exclude", "layer9.conv"], "cannot exclude layer9.conv: not a prunable layer"),
         (["--arch", "resnet20"], "give exactly one of --uniform or --strategy"),
     ],
 )

@@ -54,15 +54,15 @@ def test_netadapt_resumes_without_redoing_recorded_proposals(setup, tmp_path) ->
         mapped.append(len(items))
         return [fn(shared, item) for item in items]
 
-    # a worker dies in the middle of the second iteration, after 13 recorded proposals
-    rec = MemoryRecorder(stop=lambda: len(rec.trials) >= 13)
+    # a worker dies in the middle of the second iteration, after 16 recorded proposals (12 + 4)
+    rec = MemoryRecorder(stop=lambda: len(rec.trials) >= 16)
     first = SearchContext(ev, limits, SearchLimits(max_evaluations=400), rec, seed=0, agent="netadapt", state_dir=tmp_path,
                           options={"map": counting_map})
     from prunepilot.agents import SearchCancelled
 
     with pytest.raises(SearchCancelled):
         create_agent("netadapt", initial_reduction=0.05, short_steps=1).search(first)
-    assert len(rec.trials) == 13 and len(mapped) == 2 and mapped[0] == 9  # every layer proposes in iteration 0
+    assert len(rec.trials) == 16 and len(mapped) == 2 and mapped[0] == 12  # every layer proposes in iteration 0
     second = mapped[1]
     rec._stop = None
     mapped.clear()
