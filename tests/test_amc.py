@@ -11,6 +11,7 @@ from helpers.synthetic import SyntheticEvaluator
 from prunepilot.agents import MemoryRecorder, SearchContext, SearchLimits, create_agent
 from prunepilot.agents.amc import EpisodeRewardBuffer, truncated_normal
 from prunepilot.compression import Evaluator, Fidelity, PrunePilotError, Pruner, PruningConstraints, build_model
+from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 from prunepilot.envs import FEATURES, PruningEnv
 
 
@@ -113,7 +114,7 @@ def test_ddpg_learns_on_a_synthetic_problem(resnet20) -> None:
     """Early layers are costly to prune, late ones cheap: DDPG must find that, uniform cannot."""
     torch.set_num_threads(1)
     # the 27 block-internal convs: a long chain of similar layers whose known optimum is steeply non-uniform
-    inner = PruningConstraints(exclude=("conv1", "layer2.0.conv2", "layer3.0.conv2"))
+    inner = PruningConstraints(exclude=RESIDUAL_ROOTS)
     ev = SyntheticEvaluator(Pruner(build_model("resnet56"), "resnet56", 10, 32, inner))
     episodes = 300
     scores = {}
