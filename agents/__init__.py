@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from ._base import (
     Agent,
+    Mapper,
     MemoryRecorder,
     SearchCancelled,
     SearchContext,
+    SearchEnv,
     SearchLimits,
     SearchResult,
     TrialRecord,
@@ -20,7 +22,7 @@ from .optuna_agents import OptunaNSGA2Agent, OptunaTPEAgent
 from .registry import AGENTS, agent_names, create_agent, describe_agents
 
 __all__ = [
-    "AGENTS", "AMCAgent", "Agent", "GlobalAgent", "MemoryRecorder", "NetAdaptAgent", "OptunaNSGA2Agent", "OptunaTPEAgent", "RandomAgent",
-    "SearchCancelled", "SearchContext", "SearchLimits", "SearchResult", "SensitivityAgent", "TrialRecord", "TrialRecorder",
+    "AGENTS", "AMCAgent", "Agent", "Mapper", "GlobalAgent", "MemoryRecorder", "NetAdaptAgent", "OptunaNSGA2Agent", "OptunaTPEAgent", "RandomAgent",
+    "SearchCancelled", "SearchContext", "SearchEnv", "SearchLimits", "SearchResult", "SensitivityAgent", "TrialRecord", "TrialRecorder",
     "UniformAgent", "agent_names", "check_measured_latency", "create_agent", "describe_agents", "solve_uniform",
 ]

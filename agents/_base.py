@@ -90,6 +90,23 @@ class SearchLimits:
             raise PrunePilotError("max_seconds must be > 0")
 
 
+Mapper = Callable[[Callable[[Any, Any], Any], Any, Sequence[Any]], Sequence[Any]]
+
+
+@dataclass(frozen=True)
+class SearchEnv:
+    """What the host running a search provides: the server's choices, never a user's option.
+
+    ``map`` fans independent evaluations out (the service passes a Ray version); ``optuna_storage``
+    is the database URL a persistent Optuna study lives in and ``study_name`` its unique, internal
+    name (one per job), so a study survives a killed worker and no job can reach another's.
+    """
+
+    map: Mapper | None = None
+    optuna_storage: str | None = None
+    study_name: str | None = None
+
+
 @dataclass
 class SearchResult:
     best: TrialRecord | None
@@ -115,7 +132,7 @@ class SearchContext:
         agent: str = "agent",
         fidelity: Fidelity | None = None,
         state_dir: Path | None = None,
-        options: Mapping[str, Any] | None = None,
+        env: SearchEnv | None = None,
         on_trial: Callable[[TrialRecord], None] | None = None,
     ) -> None:
         self.budget = BudgetChecker(evaluator, limits)
@@ -128,7 +145,7 @@ class SearchContext:
         self.agent = agent
         self.fidelity = fidelity
         self.state_dir = state_dir
-        self.options = dict(options or {})
+        self.env = env or SearchEnv()
         self.on_trial = on_trial
         self.rng = np.random.default_rng(seed)
         self.started = time.monotonic()
@@ -165,10 +182,9 @@ class SearchContext:
 
     def map(self, fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> list[Any]:
         """``[fn(shared, item) for item in items]``; the service swaps in a parallel (Ray) version
-        through ``options["map"]``, with ``shared`` placed once in the object store."""
-        mapper = self.options.get("map")
-        if mapper is not None:
-            return list(mapper(fn, shared, items))
+        through ``env.map``, with ``shared`` placed once in the object store."""
+        if self.env.map is not None:
+            return list(self.env.map(fn, shared, items))
         return [fn(shared, item) for item in items]
 
     def is_recorded(self, step: int) -> bool:

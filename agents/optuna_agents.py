@@ -6,8 +6,10 @@ the budget line, so no evaluation is wasted on strategies that break it or leave
 the sampler's constraints still see each trial's overshoot (<= 0 here), so the sampler stays correct if
 a projection ever falls short. The uniform solution is enqueued as the first trial.
 
-With a database URL (``storage`` option) the study lives in Optuna's RDB tables beside ours, so it
-survives a killed worker and opens in optuna-dashboard.
+When the host gives a database (``SearchEnv.optuna_storage``, the service's own database) the study
+lives in Optuna's RDB tables beside ours under the job's internal study name, so it survives a
+killed worker and opens in optuna-dashboard. Neither is a user option: storage is the server's
+choice, and a user-chosen study name could attach to another job's study.
 """
 
 from __future__ import annotations
@@ -47,15 +49,14 @@ def _set_overshoot(trial: optuna.Trial, names: list[str], overshoot: list[float]
 
 
 class _OptunaAgent(Agent):
-    option_names = frozenset({"storage", "study_name"})
     directions: list[str]
 
     def _sampler(self, ctx: SearchContext) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
 
     def _study(self, ctx: SearchContext) -> optuna.Study:
-        storage = self.options.get("storage") or ctx.options.get("storage")
-        name = self.options.get("study_name") or ctx.options.get("study_name") or f"prunepilot-{self.name}-seed{ctx.seed}"
+        storage = ctx.env.optuna_storage
+        name = ctx.env.study_name or f"prunepilot-{self.name}-seed{ctx.seed}"
         kwargs: dict[str, Any] = {"sampler": self._sampler(ctx), "study_name": name, "load_if_exists": True}
         if storage:
             kwargs["storage"] = optuna.storages.RDBStorage(
@@ -91,8 +92,7 @@ class _OptunaAgent(Agent):
 
     def search(self, ctx: SearchContext) -> SearchResult:
         study = self._study(ctx)
-        persistent = bool(self.options.get("storage") or ctx.options.get("storage"))
-        if persistent:
+        if ctx.env.optuna_storage:
             self._resume(ctx, study)
         if not study.trials:
             study.enqueue_trial(self._uniform_params(ctx))
@@ -125,7 +125,7 @@ class _OptunaAgent(Agent):
 
 class OptunaTPEAgent(_OptunaAgent):
     name = "optuna-tpe"
-    option_names = _OptunaAgent.option_names | {"startup"}
+    option_names = frozenset({"startup"})
     description = "Optuna TPE (multivariate) over per-layer profiles projected onto the budget; uniform enqueued first"
     directions = ["maximize"]
 
@@ -155,7 +155,7 @@ class OptunaNSGA2Agent(_OptunaAgent):
     """
 
     name = "optuna-nsga2"
-    option_names = _OptunaAgent.option_names | {"population"}
+    option_names = frozenset({"population"})
     description = "Optuna NSGA-II: Pareto front of accuracy vs the budgeted resources, best point within budget"
 
     @property

@@ -6,6 +6,7 @@ import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -16,6 +17,7 @@ from prunepilot.compression import PrunePilotError, UnknownArchitectureError
 from . import logs
 from .api import jobs as jobs_api
 from .api import meta as meta_api
+from .auth import Unauthorized, principal_for
 from .db.engine import StoreError
 from .db.migrate import ensure_current
 from .jobs import InvalidJob, JobService, NotFound, NotReady
@@ -64,7 +66,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.jobs = JobService(settings)
     app.state.ray_mode = "off"
 
-    app.add_middleware(LimitsAndLogs, max_body=2 * settings.max_upload_bytes + (1 << 20))
+    app.add_middleware(LimitsAndLogs, max_body=2 * settings.max_upload_bytes + (1 << 20),
+                       authenticate=partial(principal_for, settings), unauthorized=Unauthorized)
 
     def handler(code: int):  # type: ignore[no-untyped-def]
         async def handle(_: Request, exc: Exception) -> JSONResponse:

@@ -8,8 +8,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from prunepilot.compression import PrunePilotError
+
 from .db import repo
 from .db.engine import read_scope, session_scope
+from .settings import Settings
 
 KEY_PREFIX = "pp_"
 
@@ -70,4 +73,24 @@ def authenticate(url: str, secret: str, cache_s: float = 0.0) -> Principal | Non
         principal = Principal(key.id, key.name) if key is not None else None
     if principal is not None and cache_s > 0:
         _VERIFIED.put(url, digest, principal)
+    return principal
+
+
+class Unauthorized(PrunePilotError):
+    """No valid API key (HTTP 401)."""
+
+
+def principal_for(settings: Settings, authorization: str | None) -> Principal | None:
+    """The caller behind an ``Authorization`` header: None when auth is disabled; raises Unauthorized.
+
+    The one check for every route and for the middleware, which runs it before a request's body is
+    read so that an unauthenticated upload costs the server nothing."""
+    if settings.auth_disabled:
+        return None
+    scheme, _, secret = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
+    principal = authenticate(settings.db_url, secret.strip(), settings.auth_cache_s)
+    if principal is None:
+        raise Unauthorized("invalid or revoked API key")
     return principal

@@ -14,11 +14,20 @@ import os
 import socket
 import threading
 import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from prunepilot.agents import SearchCancelled, SearchContext, SearchLimits, check_measured_latency, create_agent
+from prunepilot.agents import (
+    Mapper,
+    SearchCancelled,
+    SearchContext,
+    SearchEnv,
+    SearchLimits,
+    check_measured_latency,
+    create_agent,
+)
 from prunepilot.compression import (
     Budget,
     Evaluator,
@@ -128,12 +137,8 @@ def _execute(job_id: str, problem: dict[str, Any], settings: Settings) -> str:
     search = SearchLimits(spec["search"]["max_evaluations"], spec["search"]["max_seconds"])
     recorder = SqlTrialRecorder(url, job_id, search.max_evaluations)
     state_dir = settings.data_dir / "jobs" / job_id / "state"
-    options: dict[str, Any] = {"storage": url, "study_name": f"job-{job_id}"}
-    mapper = _ray_map()
-    if mapper is not None:
-        options["map"] = mapper
-    ctx = SearchContext(evaluator, limits, search, recorder, seed=spec["seed"], agent=spec["agent"], state_dir=state_dir,
-                        options=options)
+    env = SearchEnv(map=_ray_map(), optuna_storage=url, study_name=f"job-{job_id}")
+    ctx = SearchContext(evaluator, limits, search, recorder, seed=spec["seed"], agent=spec["agent"], state_dir=state_dir, env=env)
     result = create_agent(spec["agent"], **spec.get("agent_options", {})).search(ctx)
     if result.best is None:
         raise PrunePilotError("the search found no strategy within the budget")
@@ -197,7 +202,7 @@ class _FinetuneProgress:
         return False
 
 
-def _ray_map():  # type: ignore[no-untyped-def]
+def _ray_map() -> Mapper | None:
     """Fan independent evaluations (NetAdapt proposals) out as Ray tasks when running inside Ray."""
     try:
         import ray
@@ -207,7 +212,7 @@ def _ray_map():  # type: ignore[no-untyped-def]
     except ImportError:  # pragma: no cover
         return None
 
-    def mapper(fn, shared, items):  # type: ignore[no-untyped-def]
+    def mapper(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> list[Any]:
         remote = ray.remote(num_cpus=1, max_retries=1)(fn)
         ref = ray.put(shared)
         return ray.get([remote.remote(ref, item) for item in items])

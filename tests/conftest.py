@@ -108,3 +108,18 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture()
+def api(tmp_path: Path):
+    """The API in-process (no dispatcher, no Ray) with two users' keys; see tests/inproc.py."""
+    from inproc import InProcessApi, open_api
+
+    from prunepilot.service.auth import create_key
+    from prunepilot.service.db.engine import dispose_engines
+
+    client, settings = open_api(tmp_path / "api")
+    with client:
+        harness = InProcessApi(client, settings, {name: create_key(settings.db_url, name)[1] for name in ("alice", "bob")})
+        yield harness
+    dispose_engines()

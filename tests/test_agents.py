@@ -13,7 +13,16 @@ import numpy as np
 import optuna
 import pytest
 
-from prunepilot.agents import AGENTS, MemoryRecorder, SearchCancelled, SearchContext, SearchLimits, create_agent, solve_uniform
+from prunepilot.agents import (
+    AGENTS,
+    MemoryRecorder,
+    SearchCancelled,
+    SearchContext,
+    SearchEnv,
+    SearchLimits,
+    create_agent,
+    solve_uniform,
+)
 from prunepilot.compression import Evaluator, Fidelity, PrunePilotError, Pruner
 
 HERE = Path(__file__).parent
@@ -182,7 +191,7 @@ def test_a_trial_recorded_but_never_told_is_settled_with_its_attributes(tmp_path
 
     def context(evals: int) -> SearchContext:
         return SearchContext(evaluator, {"flops": 0.5}, SearchLimits(max_evaluations=evals), SqlTrialRecorder(url, "job1"),
-                             seed=3, agent="optuna-tpe", options={"storage": url, "study_name": "job-job1"})
+                             seed=3, agent="optuna-tpe", env=SearchEnv(optuna_storage=url, study_name="job-job1"))
 
     agent = create_agent("optuna-tpe")
     ctx = context(1)

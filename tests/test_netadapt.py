@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from prunepilot.agents import MemoryRecorder, SearchContext, SearchLimits, check_measured_latency, create_agent
+from prunepilot.agents import MemoryRecorder, SearchContext, SearchEnv, SearchLimits, check_measured_latency, create_agent
 from prunepilot.compression import Evaluator, Fidelity, Pruner
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
 from prunepilot.compression.measure import measure_pair
@@ -57,7 +57,7 @@ def test_netadapt_resumes_without_redoing_recorded_proposals(setup, tmp_path) ->
     # a worker dies in the middle of the second iteration, after 16 recorded proposals (12 + 4)
     rec = MemoryRecorder(stop=lambda: len(rec.trials) >= 16)
     first = SearchContext(ev, limits, SearchLimits(max_evaluations=400), rec, seed=0, agent="netadapt", state_dir=tmp_path,
-                          options={"map": counting_map})
+                          env=SearchEnv(map=counting_map))
     from prunepilot.agents import SearchCancelled
 
     with pytest.raises(SearchCancelled):
@@ -67,7 +67,7 @@ def test_netadapt_resumes_without_redoing_recorded_proposals(setup, tmp_path) ->
     rec._stop = None
     mapped.clear()
     again = SearchContext(ev, limits, SearchLimits(max_evaluations=400), rec, seed=0, agent="netadapt", state_dir=tmp_path,
-                          options={"map": counting_map})
+                          env=SearchEnv(map=counting_map))
     result = create_agent("netadapt", initial_reduction=0.05, short_steps=1).search(again)
     steps = [t.step for t in rec.trials]
     assert steps == list(range(len(steps)))  # no gaps, no step twice

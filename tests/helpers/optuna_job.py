@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from prunepilot.agents import SearchContext, SearchLimits, create_agent
+from prunepilot.agents import SearchContext, SearchEnv, SearchLimits, create_agent
 from prunepilot.compression import Evaluator, Fidelity, Pruner, load_model, load_splits
 from prunepilot.service.recorder import SqlTrialRecorder
 
@@ -20,7 +20,7 @@ def main() -> None:
     ev = Evaluator(pruner, splits, Fidelity(val_images=100, calib_images=128))
     rec = SqlTrialRecorder(url, job_id)
     ctx = SearchContext(ev, {"flops": 0.5}, SearchLimits(max_evaluations=int(evals)), rec, seed=3, agent="optuna-tpe",
-                        options={"storage": url, "study_name": f"job-{job_id}"})
+                        env=SearchEnv(optuna_storage=url, study_name=f"job-{job_id}"))
     result = create_agent("optuna-tpe").search(ctx)
     print(json.dumps({"evaluated": ev.evaluations, "best_step": result.best.step, "trials": result.trials}), flush=True)
 
