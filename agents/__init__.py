@@ -19,10 +19,11 @@ from .baselines import GlobalAgent, RandomAgent, SensitivityAgent, UniformAgent,
 from .latency_check import check_measured_latency
 from .netadapt import NetAdaptAgent
 from .optuna_agents import OptunaNSGA2Agent, OptunaTPEAgent
+from .pipeline import FinalConfig, JobResult, PipelineConfig, PipelineHooks, run_pipeline
 from .registry import AGENTS, agent_names, create_agent, describe_agents
 
 __all__ = [
-    "AGENTS", "AMCAgent", "Agent", "Mapper", "GlobalAgent", "MemoryRecorder", "NetAdaptAgent", "OptunaNSGA2Agent", "OptunaTPEAgent", "RandomAgent",
+    "AGENTS", "AMCAgent", "Agent", "FinalConfig", "Mapper", "GlobalAgent", "JobResult", "MemoryRecorder", "NetAdaptAgent", "OptunaNSGA2Agent", "OptunaTPEAgent", "PipelineConfig", "PipelineHooks", "RandomAgent",
     "SearchCancelled", "SearchContext", "SearchEnv", "SearchLimits", "SearchResult", "SensitivityAgent", "TrialRecord", "TrialRecorder",
-    "UniformAgent", "agent_names", "check_measured_latency", "create_agent", "describe_agents", "solve_uniform",
+    "UniformAgent", "agent_names", "check_measured_latency", "create_agent", "describe_agents", "run_pipeline", "solve_uniform",
 ]

@@ -22,6 +22,7 @@ import numpy as np
 
 from prunepilot.compression import Evaluator, Fidelity, Metrics, PrunePilotError, Strategy
 from prunepilot.compression.budget import BudgetChecker
+from prunepilot.compression.resources import within
 from prunepilot.compression.strategy import from_vector, to_vector
 
 log = logging.getLogger("prunepilot.agents")
@@ -221,8 +222,7 @@ class SearchContext:
                 self.step += 1
             return trial
         m: Metrics = evaluate_fn(vec) if evaluate_fn is not None else self.evaluator.evaluate_vector(vec, self.fidelity)
-        res = {r: m.resource(r) for r in self.limits}
-        feasible = all(v is not None and v <= self.limits[r] * (1 + 1e-9) for r, v in res.items())
+        feasible = all(within(m.resource(r), lim) for r, lim in self.limits.items())
         metrics = _metrics_dict(m)
         if reward_fn is not None:
             reward = reward_fn(metrics)
@@ -277,5 +277,18 @@ class Agent(ABC):
             raise PrunePilotError(f"unknown option(s) for agent {self.name!r}: {', '.join(unknown)}; allowed: {allowed}")
         self.options = options
 
+    # Said after "found no strategy within the budget" when a search ends with no feasible trial.
+    no_feasible_hint: ClassVar[str] = "the budget may be infeasible under the layer limits"
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        """Run the search (``explore``) and hold it to the one rule every agent shares: a search
+        ends with a feasible best strategy, or with an error that says why it has none."""
+        result = self.explore(ctx)
+        if result.best is None:
+            raise PrunePilotError(f"{self.name} found no strategy within the budget; {self.no_feasible_hint}")
+        return result
+
     @abstractmethod
-    def search(self, ctx: SearchContext) -> SearchResult: ...
+    def explore(self, ctx: SearchContext) -> SearchResult:
+        """The agent's own search. Every evaluation goes through ``ctx.evaluate``; return
+        ``ctx.result(...)`` (its best may be None: :meth:`search` turns that into the error)."""

@@ -48,12 +48,10 @@ documented hooks (replay buffer class, ``_sample_action``, ``_update_learning_ra
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -67,6 +65,7 @@ from prunepilot.compression import PrunePilotError
 from prunepilot.envs import PruningEnv
 
 from ._base import Agent, SearchContext, SearchResult
+from ._checkpoint import Checkpoint
 
 log = logging.getLogger("prunepilot.agents.amc")
 
@@ -90,7 +89,7 @@ class EpisodeRewardBuffer(ReplayBuffer):
         self.pending: list[tuple[np.ndarray, ...]] = []
         self.baseline: float | None = None
 
-    def add(self, obs, next_obs, action, reward, done, infos) -> None:  # type: ignore[no-untyped-def, override]
+    def add(self, obs, next_obs, action, reward, done, infos) -> None:
         self.pending.append((np.array(obs), np.array(next_obs), np.array(action), np.array(done)))
         if not bool(np.asarray(done).reshape(-1)[0]):
             return
@@ -99,7 +98,7 @@ class EpisodeRewardBuffer(ReplayBuffer):
             super().add(o, no, a, np.array([final], dtype=np.float32), d, [{}])
         self.pending.clear()
 
-    def sample(self, batch_size: int, env=None) -> ReplayBufferSamples:  # type: ignore[no-untyped-def, override]
+    def sample(self, batch_size: int, env=None) -> ReplayBufferSamples:
         batch = super().sample(batch_size, env)
         mean = float(batch.rewards.mean())
         self.baseline = mean if self.baseline is None else self.baseline + self.moving_alpha * (mean - self.baseline)
@@ -136,7 +135,7 @@ def truncated_normal(rng: np.random.Generator, mu: np.ndarray, sigma: float, low
 class AMCDDPG(DDPG):
     """DDPG with AMC's separate actor/critic learning rates and truncated-normal exploration."""
 
-    def __init__(self, *args: Any, actor_lr: float = 1e-4, critic_lr: float = 1e-3, sigma: float = 0.5,
+    def __init__(self, policy: Any, env: Any, *, actor_lr: float = 1e-4, critic_lr: float = 1e-3, sigma: float = 0.5,
                  updates_per_step: int = 1, first_action: float | None = None, first_steps: int = 0, **kwargs: Any) -> None:
         self.actor_lr = actor_lr
         self.critic_lr = critic_lr
@@ -145,9 +144,9 @@ class AMCDDPG(DDPG):
         self.first_action = first_action
         self.first_steps = first_steps
         self.noise_rng = np.random.default_rng(kwargs.get("seed"))
-        super().__init__(*args, learning_rate=critic_lr, **kwargs)
+        super().__init__(policy, env, learning_rate=critic_lr, **kwargs)
 
-    def _update_learning_rate(self, optimizers):  # type: ignore[no-untyped-def]
+    def _update_learning_rate(self, optimizers):
         # TD3.train passes [actor optimizer, critic optimizer]
         opts = optimizers if isinstance(optimizers, list) else [optimizers]
         for opt, lr in zip(opts, (self.actor_lr, self.critic_lr), strict=False):
@@ -157,7 +156,7 @@ class AMCDDPG(DDPG):
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         super().train(gradient_steps * self.updates_per_step, batch_size)
 
-    def _sample_action(self, learning_starts: int, action_noise=None, n_envs: int = 1):  # type: ignore[no-untyped-def]
+    def _sample_action(self, learning_starts: int, action_noise=None, n_envs: int = 1):
         assert isinstance(self.action_space, spaces.Box)
         low, high = float(self.action_space.low[0]), float(self.action_space.high[0])
         if self.first_action is not None and self.num_timesteps < self.first_steps:
@@ -165,6 +164,7 @@ class AMCDDPG(DDPG):
         elif self.num_timesteps < learning_starts:
             action = np.array([self.action_space.sample() for _ in range(n_envs)])
         else:
+            assert self._last_obs is not None  # set by learn() before the first rollout
             mu, _ = self.predict(self._last_obs, deterministic=True)
             mu = np.clip(mu, low, high)
             action = truncated_normal(self.noise_rng, mu, self.sigma, low, high).astype(np.float32)
@@ -183,7 +183,7 @@ class _EpisodeHook(BaseCallback):
         if not bool(np.asarray(self.locals["dones"]).reshape(-1)[0]):
             return True
         self.agent.episode += 1
-        model: AMCDDPG = self.model  # type: ignore[assignment]
+        model = cast(AMCDDPG, self.model)  # the agent's own model
         if self.agent.episode > self.agent.warmup:
             model.sigma *= self.agent.decay
         self.agent.save_state(model)
@@ -222,7 +222,7 @@ class AMCAgent(Agent):
             return int(ctx.search.max_evaluations)
         return int(self.options.get("episodes", 800))
 
-    def search(self, ctx: SearchContext) -> SearchResult:
+    def explore(self, ctx: SearchContext) -> SearchResult:
         started = time.perf_counter()
         n_layers = len(ctx.layer_names)
         episodes = self._episodes(ctx)
@@ -258,8 +258,6 @@ class AMCAgent(Agent):
         eval_before = ctx.evaluator.total_seconds
         if remaining > 0 and not ctx.exhausted():
             model.learn(total_timesteps=remaining * n_layers, callback=_EpisodeHook(self, ctx), reset_num_timesteps=False)
-        if ctx.best is None:
-            raise PrunePilotError("AMC found no strategy within the budget")
         wall = time.perf_counter() - overhead_start
         eval_s = ctx.evaluator.total_seconds - eval_before
         return ctx.result(
@@ -275,40 +273,29 @@ class AMCAgent(Agent):
 
     # ------------------------------------------------------------------ state (resume after a crash)
 
-    def _state_dir(self) -> Path | None:
-        d = self.ctx.state_dir
-        if d is None:
-            return None
-        d.mkdir(parents=True, exist_ok=True)
-        return d
-
     def save_state(self, model: AMCDDPG) -> None:
-        d = self._state_dir()
-        if d is None:
-            return
-        torch.save({"policy": model.policy.state_dict(), "actor_opt": model.actor.optimizer.state_dict(),
-                    "critic_opt": model.critic.optimizer.state_dict()}, d / (WEIGHTS_FILE + ".tmp"))
-        buf: EpisodeRewardBuffer = model.replay_buffer  # type: ignore[assignment]
-        np.savez(d / (BUFFER_FILE + ".tmp.npz"), **buf.arrays())
+        buf = cast(EpisodeRewardBuffer, model.replay_buffer)  # replay_buffer_class
+        nets = {"policy": model.policy.state_dict(), "actor_opt": model.actor.optimizer.state_dict(),
+                "critic_opt": model.critic.optimizer.state_dict()}
         state = {"episode": self.episode, "sigma": model.sigma, "baseline": buf.baseline, "num_timesteps": model.num_timesteps,
                  "best_step": self.ctx.best.step if self.ctx.best else None}
-        (d / (STATE_FILE + ".tmp")).write_text(json.dumps(state))
-        # the state file is replaced last: it names a complete set of files
-        (d / (WEIGHTS_FILE + ".tmp")).replace(d / WEIGHTS_FILE)
-        (d / (BUFFER_FILE + ".tmp.npz")).replace(d / BUFFER_FILE)
-        (d / (STATE_FILE + ".tmp")).replace(d / STATE_FILE)
+        Checkpoint(self.ctx.state_dir, STATE_FILE).save(state, {
+            WEIGHTS_FILE: lambda path: torch.save(nets, path),
+            # (numpy's stub: a key could be allow_pickle)
+            BUFFER_FILE: lambda path: np.savez(path, **cast(dict[str, Any], buf.arrays())),
+        })
 
     def restore_state(self, model: AMCDDPG) -> bool:
-        d = self.ctx.state_dir
-        if d is None or not (d / STATE_FILE).is_file():
+        checkpoint = Checkpoint(self.ctx.state_dir, STATE_FILE)
+        state = checkpoint.load()
+        if state is None:
             return False
-        state = json.loads((d / STATE_FILE).read_text())
-        blob = torch.load(d / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        blob = torch.load(checkpoint.path(WEIGHTS_FILE), map_location="cpu", weights_only=True)
         model.policy.load_state_dict(blob["policy"])
         model.actor.optimizer.load_state_dict(blob["actor_opt"])
         model.critic.optimizer.load_state_dict(blob["critic_opt"])
-        with np.load(d / BUFFER_FILE) as data:
-            buf: EpisodeRewardBuffer = model.replay_buffer  # type: ignore[assignment]
+        with np.load(checkpoint.path(BUFFER_FILE)) as data:
+            buf = cast(EpisodeRewardBuffer, model.replay_buffer)
             buf.load_arrays({k: data[k] for k in data.files})
         buf.baseline = state["baseline"]
         model.sigma = float(state["sigma"])

@@ -9,12 +9,6 @@ from prunepilot.compression import PrunePilotError
 from ._base import Agent, SearchContext, SearchResult, TrialRecord
 
 
-def _finish(ctx: SearchContext, **info: object) -> SearchResult:
-    if ctx.best is None:
-        raise PrunePilotError("no strategy within the budget was found; the budget may be infeasible under the layer limits")
-    return ctx.result(**info)
-
-
 def solve_uniform(ctx: SearchContext) -> np.ndarray:
     """The one ratio for every layer that just meets the budget (bisection)."""
     ratios = ctx.project(np.ones(len(ctx.layer_names)))
@@ -27,17 +21,17 @@ class UniformAgent(Agent):
     name = "uniform"
     description = "one ratio for all prunable layers, solved by bisection to meet the budget exactly"
 
-    def search(self, ctx: SearchContext) -> SearchResult:
+    def explore(self, ctx: SearchContext) -> SearchResult:
         ratios = solve_uniform(ctx)
         ctx.evaluate(ratios)
-        return _finish(ctx, ratio=float(ratios.max()))
+        return ctx.result(ratio=float(ratios.max()))
 
 
 class RandomAgent(Agent):
     name = "random"
     description = "random per-layer ratio profiles, each scaled to just meet the budget; the floor to beat"
 
-    def search(self, ctx: SearchContext) -> SearchResult:
+    def explore(self, ctx: SearchContext) -> SearchResult:
         n = len(ctx.layer_names)
         # every profile projects onto the budget: SearchContext refuses a budget the maximal ratios miss
         while not ctx.exhausted():
@@ -46,7 +40,7 @@ class RandomAgent(Agent):
             if ratios is None:
                 continue
             ctx.evaluate(ratios)
-        return _finish(ctx)
+        return ctx.result()
 
 
 class GlobalAgent(Agent):
@@ -60,7 +54,7 @@ class GlobalAgent(Agent):
     name = "global"
     description = "global importance ranking across layers, threshold searched to meet the budget"
 
-    def search(self, ctx: SearchContext) -> SearchResult:
+    def explore(self, ctx: SearchContext) -> SearchResult:
         scores = [np.asarray(s, dtype=np.float64) / max(float(np.mean(s)), 1e-12) for s in ctx.pruner.scores]
         channels = ctx.pruner.graph.channels
 
@@ -75,7 +69,7 @@ class GlobalAgent(Agent):
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if ctx.feasible(ratios_at(mid)) else (mid, hi)
         ctx.evaluate(ratios_at(hi))
-        return _finish(ctx, threshold=hi)
+        return ctx.result(threshold=hi)
 
 
 class SensitivityAgent(Agent):
@@ -88,7 +82,7 @@ class SensitivityAgent(Agent):
     option_names = frozenset({"points"})
     description = "per-layer sensitivity curves, ratios chosen by an accuracy-drop threshold that meets the budget"
 
-    def search(self, ctx: SearchContext) -> SearchResult:
+    def explore(self, ctx: SearchContext) -> SearchResult:
         n = len(ctx.layer_names)
         budget = ctx.search.max_evaluations
         points = int(self.options.get("points", 0)) or (max(2, min(8, (budget - 2) // n)) if budget else 8)
@@ -102,9 +96,9 @@ class SensitivityAgent(Agent):
                 # Keep one evaluation for the chosen profile: small budgets cut the scan short instead.
                 if ctx.exhausted() or (budget is not None and ctx.step >= budget - 1):
                     break
-                ratios = np.zeros(n)
-                ratios[i] = r
-                t = ctx.evaluate(ratios, kind="sensitivity", extra={"layer": ctx.layer_names[i], "ratio": float(r)})
+                probe = np.zeros(n)
+                probe[i] = r
+                t = ctx.evaluate(probe, kind="sensitivity", extra={"layer": ctx.layer_names[i], "ratio": float(r)})
                 curves[i].append((float(r), t.accuracy))
         # A layer whose scan was cut short by the limit keeps what was measured (ratio 0 otherwise).
 
@@ -130,5 +124,5 @@ class SensitivityAgent(Agent):
             if ratios is None:
                 ratios = ratios_at(hi)
         final: TrialRecord = ctx.evaluate(ratios, extra={"threshold": hi})
-        return _finish(ctx, threshold=hi, final_step=final.step,
+        return ctx.result(threshold=hi, final_step=final.step,
                        curves={ctx.layer_names[i]: c for i, c in curves.items()})

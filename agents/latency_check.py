@@ -83,6 +83,8 @@ def check_measured_latency(ctx: SearchContext, result: SearchResult, count: int 
     """
     if not applies(ctx, result):
         return result
+    searched = result.best
+    assert searched is not None  # applies() checked it
     limit = ctx.limits["latency"]
     measure = measure or partial(measured_share, ctx)
 
@@ -122,9 +124,9 @@ def check_measured_latency(ctx: SearchContext, result: SearchResult, count: int 
         chosen = timed[lowest.step]
         log.warning("no network checked meets the latency budget %.1f%% as measured; keeping step %d at %.1f%%",
                     100 * limit, chosen.step, 100 * lowest.measured)
-    elif chosen.step != result.best.step:  # type: ignore[union-attr]
-        log.info("latency check: step %d over budget as measured; step %d meets it", result.best.step, chosen.step)  # type: ignore[union-attr]
-    result.info["latency_check"] = {"limit": limit, "within_budget_measured": within, "searched_best_step": result.best.step,  # type: ignore[union-attr]
+    elif chosen.step != searched.step:
+        log.info("latency check: step %d over budget as measured; step %d meets it", searched.step, chosen.step)
+    result.info["latency_check"] = {"limit": limit, "within_budget_measured": within, "searched_best_step": searched.step,
                                     "chosen_step": chosen.step, "checks": [c.to_dict() for c in checks]}
     result.best = chosen
     return result

@@ -14,6 +14,8 @@ A latency budget is met by prediction first; then the network is measured agains
 measured overshoot and the loop goes on (at most three checks), so the result holds as measured.
 
 Proposals of one iteration are independent, so they go through ``ctx.map`` (Ray in the service).
+An iteration never takes the search past ``max_evaluations``: near the cap it evaluates only as
+many proposals as are left (the smallest cuts of their layers).
 After every iteration the current network and the iteration number are saved, so a restarted job
 resumes from its last completed iteration; proposals already recorded are not evaluated again.
 """
@@ -21,11 +23,9 @@ resumes from its last completed iteration; proposals already recorded are not ev
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,9 +35,11 @@ from torch import nn
 
 from prunepilot.compression import FinetuneConfig, Metrics, PrunePilotError, Pruner, PruningConstraints, finetune
 from prunepilot.compression.evaluate import EvalData, accuracy, recalibrate_batchnorm
+from prunepilot.compression.resources import exceeded
 from prunepilot.compression.spec import ArchSpec, build_from_spec
 
 from ._base import Agent, SearchContext, SearchResult
+from ._checkpoint import Checkpoint
 from .latency_check import measured_share
 
 log = logging.getLogger("prunepilot.agents.netadapt")
@@ -90,8 +92,9 @@ class NetAdaptAgent(Agent):
     name = "netadapt"
     option_names = frozenset({"initial_reduction", "decay", "short_steps", "lr", "batch_size", "verify_latency"})
     description = "NetAdapt: iterative per-layer proposals from a latency lookup table, short fine-tune each, keep the best"
+    no_feasible_hint = "it stops once it reaches the budget, so raise the evaluation or time limit"
 
-    def search(self, ctx: SearchContext) -> SearchResult:
+    def explore(self, ctx: SearchContext) -> SearchResult:
         opts = self.options
         self.initial = float(opts.get("initial_reduction", 0.025))
         self.decay = float(opts.get("decay", 0.96))
@@ -139,10 +142,13 @@ class NetAdaptAgent(Agent):
             props = self._proposals(ctx, kept, min_kept, resource, target)
             if not props:
                 # No single layer reaches the step: take the deepest cut any one layer can make.
-                target = self._reachable(ctx, kept, min_kept, resource)
-                props = self._proposals(ctx, kept, min_kept, resource, target) if target is not None else []
+                reachable = self._reachable(ctx, kept, min_kept, resource)
+                if reachable is not None:
+                    target = reachable
+                    props = self._proposals(ctx, kept, min_kept, resource, target)
             if not props:
                 raise PrunePilotError("NetAdapt cannot reduce the resource further within the layer limits")
+            props = self._within_cap(ctx, kept, props)
             first = ctx.step
             todo = [j for j in range(len(props)) if not ctx.is_recorded(first + j)]
             shared = _Shared(spec.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()},
@@ -175,8 +181,6 @@ class NetAdaptAgent(Agent):
                             resource: ctx.resources(1.0 - kept / dense_channels)[resource]})
             iteration += 1
             self._save(ctx, iteration, kept, model, spec)
-        if ctx.best is None:
-            raise PrunePilotError("NetAdapt stopped before reaching the budget; raise the evaluation or time limit")
         result = ctx.result(iterations=iteration, history=history, seconds=time.perf_counter() - started,
                             final_within_budget=self._within(ctx, kept, ctx.limits), latency_checks=checks)
         if final is not None and final.feasible:
@@ -192,7 +196,7 @@ class NetAdaptAgent(Agent):
     def _within(self, ctx: SearchContext, kept: np.ndarray, limits: dict[str, float] | None = None) -> bool:
         """Within the internal limits (tightened by latency checks), or within ``limits``."""
         res = ctx.evaluator.resources(kept)
-        return all(res[r] <= lim * (1 + 1e-9) for r, lim in (limits or self._limits).items())
+        return not exceeded(res, limits or self._limits)
 
     def _target(self, ctx: SearchContext, kept: np.ndarray, iteration: int) -> tuple[str, float]:
         """The most-overshot resource drives this iteration; its target shrinks by a decaying step."""
@@ -234,24 +238,30 @@ class NetAdaptAgent(Agent):
             props.append(_Proposal(i, [int(x) for x in k]))
         return props
 
+    def _within_cap(self, ctx: SearchContext, kept: np.ndarray, props: list[_Proposal]) -> list[_Proposal]:
+        """At most the evaluations left: an iteration near the cap keeps the proposals that cut the
+        smallest share of their layer (usually the cheapest in accuracy), in layer order."""
+        if ctx.search.max_evaluations is None:
+            return props
+        left = max(0, ctx.search.max_evaluations - ctx.step)
+        if len(props) <= left:
+            return props
+        share = {p.layer: (kept[p.layer] - p.kept[p.layer]) / kept[p.layer] for p in props}
+        chosen = sorted(props, key=lambda p: (share[p.layer], p.layer))[:left]
+        return sorted(chosen, key=lambda p: p.layer)
+
     def _save(self, ctx: SearchContext, iteration: int, kept: np.ndarray, model: nn.Module, spec: ArchSpec) -> None:
-        d = ctx.state_dir
-        if d is None:
-            return
-        d.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / (MODEL_FILE + ".tmp")))
-        (d / (MODEL_FILE + ".tmp")).replace(d / MODEL_FILE)
+        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         state = {"iteration": iteration, "kept": [int(k) for k in kept], "spec": spec.to_dict(), "next_step": ctx.step}
-        (d / (STATE_FILE + ".tmp")).write_text(json.dumps(state))
-        (d / (STATE_FILE + ".tmp")).replace(d / STATE_FILE)
+        Checkpoint(ctx.state_dir, STATE_FILE).save(state, {MODEL_FILE: lambda path: save_file(weights, str(path))})
 
     def _restore(self, ctx: SearchContext) -> tuple[int, np.ndarray, nn.Module, ArchSpec] | None:
-        d: Path | None = ctx.state_dir
-        if d is None or not (d / STATE_FILE).is_file():
+        checkpoint = Checkpoint(ctx.state_dir, STATE_FILE)
+        state = checkpoint.load()
+        if state is None:
             return None
-        state = json.loads((d / STATE_FILE).read_text())
         spec = ArchSpec.from_dict(state["spec"])
-        model = build_from_spec(spec, load_file(str(d / MODEL_FILE)))
+        model = build_from_spec(spec, load_file(str(checkpoint.path(MODEL_FILE))))
         ctx.step = int(state["next_step"])  # trials of completed iterations stay as recorded
         log.info("NetAdapt resumed at iteration %d", state["iteration"])
         return int(state["iteration"]), np.array(state["kept"]), model, spec

@@ -21,6 +21,7 @@ import numpy as np
 import optuna
 
 from prunepilot.compression import PrunePilotError
+from prunepilot.compression.resources import Resource
 
 from ._base import Agent, SearchContext, SearchResult, TrialRecord
 
@@ -90,7 +91,7 @@ class _OptunaAgent(Agent):
     def _propose(self, ctx: SearchContext, trial: optuna.Trial) -> np.ndarray | None:
         raise NotImplementedError
 
-    def search(self, ctx: SearchContext) -> SearchResult:
+    def explore(self, ctx: SearchContext) -> SearchResult:
         study = self._study(ctx)
         if ctx.env.optuna_storage:
             self._resume(ctx, study)
@@ -118,8 +119,6 @@ class _OptunaAgent(Agent):
         return {f"s{i}": 1.0 for i in range(len(ctx.layer_names))}
 
     def _result(self, ctx: SearchContext, study: optuna.Study) -> SearchResult:
-        if ctx.best is None:
-            raise PrunePilotError("no strategy within the budget was found")
         return ctx.result(study=study.study_name, optuna_trials=len(study.trials))
 
 
@@ -143,7 +142,8 @@ class OptunaTPEAgent(_OptunaAgent):
 
 
 def _resource_ratio(rec: TrialRecord, resource: str) -> float:
-    return float(rec.metrics["macs_ratio" if resource == "flops" else f"{resource}_ratio"])
+    usage = Resource(resource).usage(rec.metrics)
+    return 1e9 if usage is None else usage  # unmeasured: as far from feasible as it gets
 
 
 class OptunaNSGA2Agent(_OptunaAgent):
@@ -162,9 +162,9 @@ class OptunaNSGA2Agent(_OptunaAgent):
     def directions(self) -> list[str]:  # type: ignore[override]
         return ["maximize"] + ["minimize"] * self._n_resources
 
-    def search(self, ctx: SearchContext) -> SearchResult:
+    def explore(self, ctx: SearchContext) -> SearchResult:
         self._n_resources = len(ctx.limits)
-        return super().search(ctx)
+        return super().explore(ctx)
 
     def _sampler(self, ctx: SearchContext) -> optuna.samplers.BaseSampler:
         budget = ctx.search.max_evaluations or 100

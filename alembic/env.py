@@ -15,7 +15,9 @@ from prunepilot.service.db.migrate import VERSION_TABLE, include_object
 from prunepilot.service.db.models import Base
 
 config = context.config
-url = config.get_main_option("sqlalchemy.url")
+_configured = config.get_main_option("sqlalchemy.url")
+assert _configured is not None, "set by prunepilot.service.db.migrate.alembic_config"
+url: str = _configured
 
 
 def run_offline() -> None:

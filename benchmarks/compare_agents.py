@@ -42,8 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from prunepilot.agents import SearchContext, SearchLimits, SearchResult, TrialRecord, check_measured_latency, create_agent
-from prunepilot.compression import Evaluator, Fidelity, FinetuneConfig, finalize
+from prunepilot.agents import SearchContext, SearchLimits, SearchResult, TrialRecord, check_measured_latency
+from prunepilot.agents.pipeline import FinalConfig, PipelineConfig, PipelineHooks, Prepared, finish, prepare
+from prunepilot.agents.pipeline import search as pipeline_search
+from prunepilot.compression import Budget, Constraint, Fidelity, FinetuneConfig
 from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
 from prunepilot.compression.measure import measure_pair
@@ -106,7 +108,19 @@ def problem_dir(problem: str) -> Path:
     return ROOT / problem
 
 
-def setup(problem: str):  # type: ignore[no-untyped-def]
+def problem_config(problem: str, **over: Any) -> PipelineConfig:
+    """The problem as a pipeline job: its budget and the comparison's evaluator (1,000 validation
+    images, 1,024 calibration images); ``over`` sets the agent, seed, limits or fine-tune."""
+    budget = Budget(constraints=[Constraint(resource=r, ratio=v) for r, v in LIMITS[problem].items()])  # type: ignore[arg-type]
+    fields: dict[str, Any] = {"agent": "uniform", "budget": budget, "fidelity": Fidelity(val_images=1000, calib_images=1024), **over}
+    return PipelineConfig(**fields)
+
+
+def hooks(**over: Any) -> PipelineHooks:
+    return PipelineHooks(threads=get_settings().threads, **over)
+
+
+def setup(problem: str) -> tuple[Any, Prepared]:
     s = get_settings()
     torch.set_num_threads(s.threads)
     session = open_session("resnet56", s.shared_weights_dir / "resnet56-cifar10.th", "cifar10-jpeg", s,
@@ -125,12 +139,12 @@ def setup(problem: str):  # type: ignore[no-untyped-def]
             table.calibrate(repeats=60)
             calib.parent.mkdir(parents=True, exist_ok=True)
             calib.write_text(json.dumps({**table.calibration, "dense_ms": table.dense_ms}))
-    evaluator = Evaluator(session.pruner, session.splits, Fidelity(val_images=1000, calib_images=1024), latency_model=table)
-    return session, evaluator
+    return session, prepare(session.pruner, session.splits, problem_config(problem), hooks(latency_table=table))
 
 
 def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], netadapt_seconds: float = NETADAPT_SECONDS) -> None:
-    session, evaluator = setup(problem)
+    session, prepared = setup(problem)
+    evaluator = prepared.evaluator
     for agent in agents:
         if agent == "uniform-matched":
             continue  # not a search: the match phase derives it from NetAdapt's measured latency
@@ -147,12 +161,12 @@ def run_search(problem: str, agents: list[str], evals: int, seeds: list[int], ne
             fwd0, tot0 = evaluator.forward_seconds, evaluator.total_seconds
             limits = (SearchLimits(max_evaluations=None, max_seconds=netadapt_seconds) if agent == "netadapt"
                       else SearchLimits(max_evaluations=evals))
-            ctx = SearchContext(evaluator, LIMITS[problem], limits, rec, seed=seed, agent=agent,
-                                state_dir=state, on_trial=lambda t: print(f"  {t.agent} step {t.step}: acc {t.accuracy:.3f}", flush=True)
-                                if t.step % 25 == 0 else None)
-            t0 = time.perf_counter()
             base, options = VARIANTS.get(agent, (agent, AGENT_OPTIONS.get(agent, {})))
-            result = check_measured_latency(ctx, create_agent(base, **options).search(ctx))
+            config = problem_config(problem, agent=base, agent_options=options, search=limits, seed=seed)
+            wiring = hooks(recorder=rec, state_dir=state, on_trial=lambda t: print(f"  {t.agent} step {t.step}: acc {t.accuracy:.3f}",
+                                                                                       flush=True) if t.step % 25 == 0 else None)
+            t0 = time.perf_counter()
+            _, result = pipeline_search(prepared, config, wiring, agent_name=agent)
             wall = time.perf_counter() - t0
             trials = rec.existing()
             best = result.best
@@ -187,7 +201,8 @@ def run_verify(problem: str) -> None:
     another network, the old choice is kept as ``searched_best`` and its fine-tune result is moved
     to ``unverified/``, so the next finetune phase fine-tunes the new one.
     """
-    session, evaluator = setup(problem)
+    session, prepared = setup(problem)
+    evaluator = prepared.evaluator
     for path in sorted(problem_dir(problem).glob("search-*.json")):
         data = json.loads(path.read_text())
         if "latency_check" in data["info"] or data["agent"] in ("netadapt", "uniform-matched"):
@@ -233,7 +248,8 @@ def run_matched_uniform(problem: str, reference: str = "netadapt") -> None:
         return
     lat = json.loads(finals[0].read_text())["figures"]
     target = lat["pruned"]["latency_ms"]["1"] / lat["dense"]["latency_ms"]["1"]
-    session, evaluator = setup(problem)
+    session, prepared = setup(problem)
+    evaluator = prepared.evaluator
     pruner, names = session.pruner, session.pruner.layer_names
     threads = get_settings().threads
 
@@ -269,7 +285,7 @@ def run_finetune(problem: str, epochs: float, agents: list[str], seeds: list[int
     results go to ``ft-seeds/`` (not into the main table) and show how far the fine-tune alone moves
     one strategy's accuracy, the yardstick for differences between agents.
     """
-    session, evaluator = setup(problem)
+    session, prepared = setup(problem)
     config = FinetuneConfig(epochs=epochs, lr=0.01, seed=ft_seed)
     todo = sorted(problem_dir(problem).glob("search-*.json"))
     out_dir = problem_dir(problem) / "ft-seeds" if ft_seed else problem_dir(problem)
@@ -288,8 +304,8 @@ def run_finetune(problem: str, epochs: float, agents: list[str], seeds: list[int
             from prunepilot.compression import load_artifact
 
             init_model = load_artifact(search["model_dir"])
-        result = finalize(session.pruner, session.splits, search["best"]["strategy"], config, finetune_dense=not dense_done.is_file(),
-                          threads=get_settings().threads, initial_model=init_model)
+        result = finish(session.pruner, session.splits, search["best"]["strategy"],
+                        FinalConfig(finetune=config, finetune_dense=not dense_done.is_file()), hooks(), initial_model=init_model)
         report = result.report()
         if "dense_finetuned" in report["figures"]:
             dense_done.write_text(json.dumps({"figures": {k: report["figures"][k] for k in ("dense", "dense_finetuned")}}, indent=2))
@@ -307,8 +323,9 @@ def run_topk(problem: str, agents: list[str], seeds: list[int], top: int, epochs
     re-scored on the whole validation split (5,000 images against the search's 1,000), which
     takes out most of the subset's sampling noise. The best (rank 1) is the main table's run.
     """
-    session, evaluator = setup(problem)
-    config = FinetuneConfig(epochs=epochs, lr=0.01)
+    session, prepared = setup(problem)
+    evaluator = prepared.evaluator
+    config = FinalConfig(finetune=FinetuneConfig(epochs=epochs, lr=0.01))
     whole = Fidelity(val_images=None, calib_images=1024)
     out_dir = problem_dir(problem) / "topk"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,8 +344,7 @@ def run_topk(problem: str, agents: list[str], seeds: list[int], top: int, epochs
                 if rank == 1 and main.is_file():
                     report = json.loads(main.read_text())
                 else:
-                    report = finalize(session.pruner, session.splits, trial.strategy, config, finetune_dense=False,
-                                      threads=get_settings().threads).report()
+                    report = finish(session.pruner, session.splits, trial.strategy, config, hooks()).report()
                 out.write_text(json.dumps({"agent": agent, "seed": seed, "rank": rank, "step": trial.step, "epochs": epochs,
                                            "search_accuracy": trial.accuracy, "whole_val_accuracy": rescored,
                                            "test_accuracy": report["figures"]["pruned"]["accuracy"],

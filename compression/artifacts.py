@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -66,20 +68,62 @@ def export_format(path: str | Path, fmt: str) -> Path:
         raise PrunePilotError(f"unknown model format {fmt!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
     target = path / FILES[fmt]
-    if target.is_file():
+    if _is_current(target):
         return target
-    model = load_artifact(path)
-    size = read_spec(path).input_size
-    example = (torch.randn(2, 3, size, size),)
+    with _export_lock(target):
+        if _is_current(target):  # exported by the request this one waited for
+            return target
+        model = load_artifact(path)
+        size = read_spec(path).input_size
+        example = (torch.randn(2, 3, size, size),)
+        # unique per call: another process may export the same file at once; the rename is atomic either way
+        tmp = target.with_suffix(target.suffix + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with _TRACE_LOCK:
+                _export_to(model, example, fmt, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        for stale in _stale_external_data(target):
+            stale.unlink(missing_ok=True)
+    return target
+
+
+# One lock per derived file (artifact directory + format), for the whole process: concurrent first
+# downloads wait for one export instead of each tracing the model. Never dropped: one small lock
+# per downloaded artifact and format.
+_EXPORT_LOCKS: dict[str, threading.Lock] = {}
+_EXPORT_LOCKS_GUARD = threading.Lock()
+# torch.export keeps tracing state process-wide (dispatch mode stacks): two traces at once break each
+# other even on different models, so tracing itself is serialized too.
+_TRACE_LOCK = threading.Lock()
+
+
+def _export_lock(target: Path) -> threading.Lock:
+    with _EXPORT_LOCKS_GUARD:
+        return _EXPORT_LOCKS.setdefault(str(target.resolve()), threading.Lock())
+
+
+def _stale_external_data(target: Path) -> list[Path]:
+    """External weights left by earlier versions, which exported ONNX beside a ``.data`` file that
+    never travelled with the download (``model.onnx.tmp<pid>.data``)."""
+    return sorted(target.parent.glob(target.name + ".tmp*.data")) if target.suffix == ".onnx" else []
+
+
+def _is_current(target: Path) -> bool:
+    # an ONNX file with stale external data predates self-contained exports: derive it again
+    return target.is_file() and not _stale_external_data(target)
+
+
+def _export_to(model: nn.Module, example: tuple[torch.Tensor, ...], fmt: str, dest: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
-    tmp = target.with_suffix(target.suffix + f".tmp{os.getpid()}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if fmt == "pt2":
             program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(tmp))
+            torch.export.save(program, str(dest))
         else:
-            torch.onnx.export(model, example, str(tmp), dynamo=True, verbose=False, input_names=["input"],
-                              output_names=["logits"], dynamic_shapes=({0: batch},))
-    os.replace(tmp, target)
-    return target
+            # weights embedded (external_data=False): the download is one self-contained file; fine
+            # below protobuf's 2 GB limit, far above any pruned model here
+            torch.onnx.export(model, example, str(dest), dynamo=True, verbose=False, input_names=["input"],
+                              output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False)

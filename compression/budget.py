@@ -15,27 +15,27 @@ import numpy as np
 
 from .errors import BudgetError
 from .graph import PruningGraph
+from .resources import RESOURCES, SizeModel, exceeded
 from .strategy import PruningConstraints
-
-RESOURCE_NAMES = ("flops", "params", "size", "latency")
 
 
 class BudgetChecker:
     """Budget checks for one model: ``resources(kept)`` gives each resource as a ratio of dense."""
 
-    def __init__(self, evaluator, limits: Mapping[str, float]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, evaluator, limits: Mapping[str, float]) -> None:
         self._setup(evaluator.resources, evaluator.pruner.graph.channels, evaluator.pruner.constraints, limits,
                     getattr(evaluator, "latency_model", None) is not None)
 
     @classmethod
-    def analytic(cls, graph: PruningGraph, constraints: PruningConstraints, limits: Mapping[str, float]) -> BudgetChecker:
-        """FLOPs / params / size only, straight from the pruning graph (no data, no evaluator)."""
+    def analytic(cls, graph: PruningGraph, constraints: PruningConstraints, limits: Mapping[str, float],
+                 size: SizeModel) -> BudgetChecker:
+        """FLOPs / params / size only, straight from the pruning graph (no data, no evaluator); the
+        same figures the evaluator gives (``size`` is the evaluator's size model)."""
         dense = graph.cost(np.zeros(len(graph.layers)))
 
         def resources(kept: np.ndarray) -> dict[str, float]:
             c = graph.cost(graph.channels - kept)
-            return {"flops": c.macs / dense.macs, "params": c.params / dense.params,
-                    "size": (c.params + c.bn_buffers) / (dense.params + dense.bn_buffers)}
+            return {"flops": c.macs / dense.macs, "params": c.params / dense.params, "size": size.ratio(c.params + c.bn_buffers)}
 
         checker = cls.__new__(cls)
         checker._setup(resources, graph.channels, constraints, limits, has_latency=False)
@@ -43,7 +43,7 @@ class BudgetChecker:
 
     def _setup(self, resources: Callable[[np.ndarray], dict[str, float]], channels: np.ndarray, constraints: PruningConstraints,
                limits: Mapping[str, float], has_latency: bool) -> None:
-        unknown = [r for r in limits if r not in RESOURCE_NAMES]
+        unknown = [r for r in limits if r not in RESOURCES]
         if unknown:
             raise BudgetError(f"unknown budget resource(s): {', '.join(unknown)}")
         if not limits:
@@ -68,7 +68,7 @@ class BudgetChecker:
     def exceeded(self, ratios: np.ndarray) -> dict[str, float]:
         """The limited resources ``ratios`` leave over their limits, with their values."""
         res = self.resources(ratios)
-        return {r: res[r] for r, lim in self.limits.items() if res[r] > lim * (1 + 1e-9)}
+        return {r: res[r] for r in exceeded(res, self.limits)}
 
     def slack(self, ratios: np.ndarray) -> float:
         """Largest relative overshoot over the limits (<= 0 when within budget)."""

@@ -80,10 +80,12 @@ class ShortcutAPruner(tp.pruner.BasePruningFunc):
         return layer
 
     def get_out_channels(self, layer: nn.Module) -> int:
-        return layer.out_channels  # type: ignore[return-value]
+        assert isinstance(layer, ShortcutA)
+        return layer.out_channels
 
     def get_in_channels(self, layer: nn.Module) -> int:
-        return layer.in_channels  # type: ignore[return-value]
+        assert isinstance(layer, ShortcutA)
+        return layer.in_channels
 
 
 # Module type -> Torch-Pruning handler, for layers the dependency graph cannot handle by itself.

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .errors import PrunePilotError
 from .finetune import FinetuneConfig, finetune
 from .measure import measure_latency, size_on_disk
 from .pruning import Pruner
+from .resources import Resource, SizeModel
 from .strategy import Strategy
 
 FidelityMethod = Literal["none", "adaptive-bn", "reconstruct", "short-finetune"]
@@ -91,8 +92,8 @@ class Metrics:
 
     def resource(self, name: str) -> float | None:
         """Usage of a budgeted resource as a ratio of the dense model."""
-        return {"flops": self.macs_ratio, "params": self.params_ratio, "size": self.size_ratio,
-                "latency": self.latency_ratio}[name]
+        value = getattr(self, Resource(name).metric)
+        return None if value is None else float(value)
 
 
 class LatencyModel(Protocol):
@@ -113,7 +114,7 @@ class ForwardTimer:
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def run(self, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def run(self, fn: Callable[..., torch.Tensor]) -> torch.Tensor:  # called with no arguments (callers bind i=i)
         t0 = time.perf_counter()
         try:
             return fn()
@@ -254,7 +255,8 @@ def reconstruct_next_layers(
 
         def grab_input(mod: nn.Module, inp: tuple[torch.Tensor, ...], m: nn.Conv2d = m, name: str = name,
                        xs: list[torch.Tensor] = xs) -> None:
-            cols = F.unfold(inp[0], m.kernel_size, m.dilation, m.padding, m.stride)  # (N, C*k*k, L)
+            padding = cast(tuple[int, ...], m.padding)  # numeric: a string padding ("same") has no fixed unfold
+            cols = F.unfold(inp[0], m.kernel_size, m.dilation, padding, m.stride)  # (N, C*k*k, L)
             xs.append(_positions(cols, picks[name][offset[0]: offset[0] + cols.shape[0]]))
             raise _Captured
 
@@ -322,8 +324,8 @@ class Evaluator:
         self._cache_size = cache_size
         # a channels-last copy for fast forward passes; the pruner's model stays as the user gave it
         self.dense_model = copy.deepcopy(pruner.model).to(memory_format=torch.channels_last)
-        self.dense_size = size_on_disk(self.dense_model)
-        self.dense_buffers = sum(b.numel() for b in self.dense_model.buffers() if b.dtype.is_floating_point)
+        self.size_model = SizeModel.of(self.dense_model, pruner.graph.dense_params)
+        self.dense_size = self.size_model.dense_bytes
         self.evaluations = 0  # real (uncached) evaluations
         self.forward_seconds = 0.0
         self.total_seconds = 0.0
@@ -338,10 +340,6 @@ class Evaluator:
             self._data[key] = EvalData.from_splits(self.splits, fidelity.val_images, fidelity.calib_images)
         return self._data[key]
 
-    def estimate_size(self, params: int, buffers: int) -> int:
-        """Safetensors size predicted from tensor counts (the header barely changes)."""
-        return int(self.dense_size - 4 * (self.pruner.graph.dense_params + self.dense_buffers - params - buffers))
-
     def resources(self, kept: np.ndarray) -> dict[str, float]:
         """Budgeted resources of a candidate as ratios of dense, without pruning it (cheap)."""
         cost = self.pruner.cost_of_kept(kept)
@@ -349,7 +347,7 @@ class Evaluator:
         out = {
             "flops": cost.macs / g.dense_macs,
             "params": cost.params / g.dense_params,
-            "size": self.estimate_size(cost.params, cost.bn_buffers + 0) / self.dense_size,
+            "size": self.size_model.ratio(cost.params + cost.bn_buffers),
         }
         if self.latency_model is not None:
             out["latency"] = self.latency_model.predict(kept) / self.latency_model.dense_ms

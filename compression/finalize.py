@@ -11,7 +11,7 @@ import copy
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -101,7 +101,7 @@ def finalize(
     if initial_model is not None:
         from .spec import spec_of
 
-        kept = [int(initial_model.get_submodule(layer.name).out_channels) for layer in pruner.layers]
+        kept = [int(cast(nn.Conv2d, initial_model.get_submodule(layer.name)).out_channels) for layer in pruner.layers]
         pruned = PrunedModel(copy.deepcopy(initial_model), spec_of(initial_model, pruner.arch, pruner.num_classes, pruner.input_size),
                              pruner.effective(np.array(kept)), kept)
     else:

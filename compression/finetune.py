@@ -80,7 +80,8 @@ def finetune(
     if config.distill and teacher is None:
         raise PrunePilotError("distillation needs the dense model as teacher")
     gen = torch.Generator().manual_seed(config.seed)
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD(

@@ -79,6 +79,22 @@ class _ModuleCost:
         return self.kind == "conv" and self.groups == self.c_in == self.c_out and self.groups > 1
 
 
+@dataclass(frozen=True)
+class WeightedModule:
+    """A conv or linear layer as the cost model sees it: its row in :meth:`PruningGraph.module_widths`,
+    its dense widths, and whether pruning reaches its inputs and outputs."""
+
+    row: int
+    name: str
+    kind: str  # conv, linear
+    c_in: int
+    c_out: int
+    groups: int
+    depthwise: bool
+    varies_in: bool
+    varies_out: bool
+
+
 @dataclass
 class Cost:
     macs: int
@@ -141,6 +157,7 @@ class PruningGraph:
                 rows = int(np.prod(out_rest[:-1])) if len(out_rest) > 1 else 1
                 self.costs[name] = _ModuleCost("linear", m.in_features, m.out_features, 1, rows, 1, m.bias is not None)
             else:
+                assert isinstance(m, nn.modules.batchnorm._BatchNorm)  # _module_kind: only batch norm is left
                 self.costs[name] = _ModuleCost("bn", m.num_features, m.num_features, 0, 0, 1, m.affine)
 
         dg = trace_dependencies(model, example)
@@ -244,7 +261,7 @@ class PruningGraph:
             h=h, w=w, kernel=kernel, stride=stride, flops=macs, params=params, group_flops=0,
         )
 
-    def _group_macs(self, gid: int) -> int:
+    def _group_macs(self, gid: int) -> float:
         return sum(
             self._macs(c, c.c_in, c.c_out)
             for c in self.costs.values()
@@ -287,11 +304,25 @@ class PruningGraph:
         self._bn_c = np.array([c.c_in for c in bns], dtype=np.float64)
         self._bn_affine = np.array([c.bias for c in bns], dtype=np.float64)
 
-    def cost(self, pruned: np.ndarray) -> Cost:
-        """MACs, parameters and BN buffers when ``pruned[i]`` channels are removed from layer i."""
+    def weighted_modules(self) -> list[WeightedModule]:
+        """Every conv and linear layer, in the row order of :meth:`module_widths`."""
+        layers = [(n, c) for n, c in self.costs.items() if c.kind != "bn"]
+        return [WeightedModule(row, name, c.kind, c.c_in, c.c_out, c.groups, c.depthwise,
+                               bool(self._in_mat[row].any()), bool(self._out_sel[row].any()))
+                for row, (name, c) in enumerate(layers)]
+
+    def module_widths(self, pruned: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Input and output channels of every conv / linear (rows of :meth:`weighted_modules`) when
+        ``pruned[i]`` channels are removed from layer i; a depthwise conv's inputs follow its outputs."""
         p = np.asarray(pruned, dtype=np.float64)
         cout = self._cout - self._out_sel @ p
         cin = np.where(self._dw, cout, self._cin - self._in_mat @ p)
+        return cin, cout
+
+    def cost(self, pruned: np.ndarray) -> Cost:
+        """MACs, parameters and BN buffers when ``pruned[i]`` channels are removed from layer i."""
+        p = np.asarray(pruned, dtype=np.float64)
+        cin, cout = self.module_widths(p)
         per_out = np.where(self._dw, 1.0, cin / self._groups)  # input channels each output channel sees
         macs = float(np.sum(self._coef * cout * per_out))
         params = float(np.sum(cout * per_out * self._kernel + self._bias * cout))

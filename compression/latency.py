@@ -16,10 +16,10 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, cast
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import PrunePilotError
 from .graph import PruningGraph
-from .measure import measure_latency, torch_threads
+from .measure import Latency, measure_latency, torch_threads
 
 
 def cpu_model() -> str:
@@ -132,8 +132,15 @@ class LatencyTable:
     """Lookup table for one architecture on one device; predicts a pruned model's latency."""
 
     def __init__(self, graph: PruningGraph, model: nn.Module, store: LatencyStore, batch_size: int = 1, threads: int = 2,
-                 max_points: int = 12, step: int = 4, quantum: int | None = None) -> None:
+                 max_points: int = 12, step: int = 4, quantum: int | None = None,
+                 timer: Callable[[nn.Module, torch.Tensor, int, int], float] | None = None,
+                 measure: Callable[..., Sequence[Latency]] | None = None) -> None:
         self.graph = graph
+        # The clocks: ``timer(probe, x, warmup, repeats)`` gives one entry's median ms (default
+        # ``_time_module``), ``measure`` times whole models for ``calibrate`` (default
+        # ``measure_latency``, same signature). Tests pass deterministic stand-ins.
+        self.timer = timer
+        self.measure = measure
         # Kernels work on channel blocks, so latency can be a staircase in the channel count: on
         # NetAdapt's ResNet-56 here, 7 -> 8 and 13 -> 16 kept channels cost nothing measurable
         # while 4 -> 8 did. ``quantum`` > 1 rounds counts up to its multiple before interpolating.
@@ -146,21 +153,19 @@ class LatencyTable:
         self.threads = threads
         self.device = device_fingerprint(threads, batch_size)
         self.entries: list[_ConvEntry] = []
-        dense_in = graph._cin.astype(int)
-        for row, (name, cost) in enumerate((n, c) for n, c in graph.costs.items() if c.kind != "bn"):
-            if cost.kind != "conv":
-                continue
-            m = model.get_submodule(name)
-            varies_out = graph._out_sel[row].any()
-            varies_in = graph._in_mat[row].any()
-            _, _, h, w = graph.shapes[name][0]
+        convs = [wm for wm in graph.weighted_modules() if wm.kind == "conv"]
+        for wm in convs:
+            m = model.get_submodule(wm.name)
+            assert isinstance(m, nn.Conv2d)  # wm.kind == "conv"
+            _, _, h, w = graph.shapes[wm.name][0]
             self.entries.append(_ConvEntry(
-                name, "conv-bn-relu", int(dense_in[row]), cost.c_out, h, w, m.kernel_size[0], m.stride[0], m.padding[0],
-                cost.groups, cost.depthwise,
-                channel_grid(cost.c_in, max_points, step) if (varies_in and not cost.depthwise) else [cost.c_in],
-                channel_grid(cost.c_out, max_points, step) if varies_out else [cost.c_out],
+                wm.name, "conv-bn-relu", wm.c_in, wm.c_out, h, w, m.kernel_size[0], m.stride[0], cast(tuple[int, ...], m.padding)[0],
+                wm.groups, wm.depthwise,
+                channel_grid(wm.c_in, max_points, step) if (wm.varies_in and not wm.depthwise) else [wm.c_in],
+                channel_grid(wm.c_out, max_points, step) if wm.varies_out else [wm.c_out],
             ))
-        self._rows = [i for i, (n, c) in enumerate((n, c) for n, c in graph.costs.items() if c.kind != "bn") if c.kind == "conv"]
+        self._rows = [wm.row for wm in convs]
+        self._dense_in, self._dense_out = graph.module_widths(np.zeros(len(graph.layers)))
         self.values: dict[str, float] = {}
         self.dense_measured_ms: float | None = None
         self.remainder_ms = 0.0
@@ -203,6 +208,7 @@ class LatencyTable:
         todo = self.missing()
         done = 0
         per_round = max(1, repeats // rounds)
+        timer = self.timer or _time_module
         with torch_threads(self.threads):
             for start in range(0, len(todo), flush_every):
                 if should_stop is not None and should_stop():
@@ -212,7 +218,7 @@ class LatencyTable:
                 best = [float("inf")] * len(chunk)
                 for r in range(rounds):
                     for i, (module, x) in enumerate(probes):
-                        best[i] = min(best[i], _time_module(module, x, warmup if r == 0 else 1, per_round))
+                        best[i] = min(best[i], timer(module, x, warmup if r == 0 else 1, per_round))
                 self.store.put(self.device, {sig: (ms, per_round * rounds) for (*_, sig), ms in zip(chunk, best, strict=True)})
                 done += len(chunk)
                 if progress is not None:
@@ -251,7 +257,8 @@ class LatencyTable:
         vectors = [np.zeros(n)] + [np.full(n, p) for p in probes] + [rng.uniform(0.0, 0.8, n) for _ in probes]
         kept = [limits.kept_vector(self.graph.channels, v) for v in vectors]
         models = [self.model] + [_pruned_copy(self.graph, self.model, k) for k in kept[1:]]
-        measured = measure_latency(models, self.graph.input_size, self.batch_size, self.threads, warmup=5, repeats=repeats)
+        measure = self.measure or measure_latency
+        measured = measure(models, self.graph.input_size, self.batch_size, self.threads, warmup=5, repeats=repeats)
         self._calibration_points = (kept, np.array([m.median_ms for m in measured]))
         return self.refit()
 
@@ -288,8 +295,8 @@ class LatencyTable:
         if abs(mine - float(sums[0])) > tolerance * float(sums[0]):
             raise PrunePilotError(f"latency calibration was fitted to other table entries (dense layer sum {float(sums[0]):.3f} ms, "
                                   f"this table {mine:.3f} ms); calibrate again")
-        self.scale = float(calibration["scale"])  # type: ignore[arg-type]
-        self.remainder_ms = float(calibration["remainder_ms"])  # type: ignore[arg-type]
+        self.scale = float(cast(float, calibration["scale"]))  # numbers, as saved from self.calibration
+        self.remainder_ms = float(cast(float, calibration["remainder_ms"]))
         self.dense_measured_ms = self.remainder_ms + self.scale * mine
         self.calibration = dict(calibration)
 
@@ -300,16 +307,9 @@ class LatencyTable:
         return float(_bilinear(cins, couts, grid, c_in, c_out))
 
     def layers_ms(self, pruned: np.ndarray) -> float:
-        g = self.graph
-        p = np.asarray(pruned, dtype=np.float64)
-        cout = self._quantize(g._cout - g._out_sel @ p, g._cout)
-        cin = self._quantize(g._cin - g._in_mat @ p, g._cin)
-        total = 0.0
-        for i, row in enumerate(self._rows):
-            e = self.entries[i]
-            ci = cout[row] if e.depthwise else cin[row]
-            total += self.lookup(i, ci, cout[row])
-        return total
+        cin, cout = self.graph.module_widths(pruned)
+        cin, cout = self._quantize(cin, self._dense_in), self._quantize(cout, self._dense_out)
+        return float(sum(self.lookup(i, cin[row], cout[row]) for i, row in enumerate(self._rows)))
 
     def _quantize(self, channels: np.ndarray, dense: np.ndarray) -> np.ndarray:
         if self.quantum <= 1:

@@ -8,14 +8,14 @@ every resource the same way.
 from __future__ import annotations
 
 import re
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import BudgetError
+from .resources import RESOURCES, Resource
 
-Resource = Literal["flops", "latency", "params", "size"]
-RESOURCES: tuple[str, ...] = ("flops", "latency", "params", "size")
+__all__ = ["RESOURCES", "Budget", "Constraint", "Resource", "parse_constraint"]
+
 UNITS = {"flops": "MACs", "latency": "ms", "params": "parameters", "size": "bytes"}
 
 
@@ -26,7 +26,8 @@ class Constraint(BaseModel):
     bytes for ``size``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN passes ``value <= 0`` and infinity is no limit: both are refused, naming the field.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     resource: Resource
     ratio: float | None = Field(default=None, description="keep at most this share of the dense model's value, in (0, 1)")
@@ -49,7 +50,8 @@ class Constraint(BaseModel):
             return self.ratio
         if not dense_value:
             raise BudgetError(f"cannot convert an absolute {self.resource} limit without the dense model's {self.resource}")
-        r = float(self.value) / dense_value  # type: ignore[arg-type]
+        assert self.value is not None  # the validator: exactly one of ratio and value
+        r = float(self.value) / dense_value
         if r >= 1.0:
             raise BudgetError(
                 f"{self.resource} limit {self.value:g} {UNITS[self.resource]} is not below the dense model's {dense_value:g}; nothing to prune"
@@ -97,8 +99,8 @@ def parse_constraint(text: str) -> Constraint:
     m = _BUDGET_RE.match(text)
     if not m:
         raise BudgetError(f"cannot parse budget {text!r}; examples: flops=0.5, latency=8ms, size=1MB, params=50%")
-    resource, number, unit = m.group(1).lower(), float(m.group(2)), (m.group(3) or "").lower()
-    resource = "flops" if resource == "macs" else resource
+    word, number, unit = m.group(1).lower(), float(m.group(2)), (m.group(3) or "").lower()
+    resource = Resource("flops" if word == "macs" else word)  # _BUDGET_RE admits only these names
     try:
         if unit == "%":
             return Constraint(resource=resource, ratio=number / 100.0)

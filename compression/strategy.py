@@ -100,7 +100,7 @@ def to_vector(strategy: Mapping[str, float], layer_names: Sequence[str]) -> np.n
     return np.array([float(strategy.get(n, 0.0)) for n in layer_names], dtype=np.float64)
 
 
-def from_vector(ratios: Sequence[float], layer_names: Sequence[str]) -> Strategy:
+def from_vector(ratios: Sequence[float] | np.ndarray, layer_names: Sequence[str]) -> Strategy:
     if len(ratios) != len(layer_names):
         raise StrategyError(f"expected {len(layer_names)} ratios, got {len(ratios)}")
     return {n: float(r) for n, r in zip(layer_names, ratios, strict=True)}

@@ -72,14 +72,16 @@ def build_model(arch: str, num_classes: int = 10) -> nn.Module:
     return model
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | Path, source: str | None = None) -> dict[str, torch.Tensor]:
     """Read tensors from a state-dict file (``torch.save``) or a safetensors file, safely.
 
     ``torch.load(weights_only=True)`` refuses anything but tensors and plain containers, so a
     crafted pickle cannot run code. Checkpoints of the form ``{"state_dict": ...}`` are unwrapped
-    and a DataParallel ``module.`` prefix is stripped.
+    and a DataParallel ``module.`` prefix is stripped. ``source`` names the file in messages (an
+    upload's own name, not the server's path for it).
     """
     path = Path(path)
+    source = source or path.name
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     with path.open("rb") as fh:
@@ -93,8 +95,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every failure here means "not a safe weights file"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise WeightsError(f"cannot read weights from {path.name}: not a state dict or safetensors file ({first})") from None
-    return normalize_state_dict(raw, source=path.name)
+        raise WeightsError(f"cannot read weights from {source}: not a state dict or safetensors file ({first})") from None
+    return normalize_state_dict(raw, source=source)
 
 
 def _looks_like_safetensors(head: bytes) -> bool:

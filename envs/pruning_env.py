@@ -58,6 +58,7 @@ import numpy as np
 from gymnasium import spaces
 
 from prunepilot.compression.budget import BudgetChecker
+from prunepilot.compression.resources import Resource
 
 REWARDS = ("error", "error-log-flops", "combined")
 BUDGET_MODES = ("bound", "project")
@@ -76,7 +77,7 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
 
     def __init__(
         self,
-        evaluator,  # type: ignore[no-untyped-def]  # compression.Evaluator (or a compatible stand-in)
+        evaluator,  # compression.Evaluator (or a compatible stand-in)
         limits: Mapping[str, float],
         reward: str = "error",
         weights: Mapping[str, float] | None = None,
@@ -135,6 +136,7 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
             ratios = self.budget.project(np.maximum(self._ratios, 0.02), fill=self.fill)
             if ratios is None:
                 ratios = self.budget.project(np.ones(self.n_layers), fill=self.fill)
+            assert ratios is not None  # __init__ refused a budget that the maximal ratios miss
         else:
             ratios = self.budget.fill(self._ratios) if self.fill else self._ratios.copy()
         outcome = dict(self._evaluate(ratios))
@@ -151,13 +153,12 @@ class PruningEnv(gym.Env[np.ndarray, np.ndarray]):
             return -error
         if self.reward_kind == "error-log-flops":
             return -error * math.log(max(float(outcome["macs"]), 2.0))
-        usage = {"flops": outcome["macs_ratio"], "params": outcome["params_ratio"], "size": outcome["size_ratio"],
-                 "latency": outcome.get("latency_ratio")}
         penalty = 0.0
         for resource, w in self.weights.items():
-            if usage.get(resource) is None:
+            usage = Resource(resource).usage(outcome)
+            if usage is None:
                 raise ValueError(f"combined reward weighs {resource}, which the evaluator does not measure")
-            penalty += w * float(usage[resource])
+            penalty += w * usage
         return -error - penalty
 
     def _macs_of_layers(self, ratios: np.ndarray) -> float:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from functools import partial
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from prunepilot import __version__
@@ -17,6 +18,7 @@ from prunepilot.compression import PrunePilotError, UnknownArchitectureError
 from . import logs
 from .api import jobs as jobs_api
 from .api import meta as meta_api
+from .api.errors import handle_validation
 from .auth import Unauthorized, principal_for
 from .db.engine import StoreError
 from .db.migrate import ensure_current
@@ -69,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(LimitsAndLogs, max_body=2 * settings.max_upload_bytes + (1 << 20),
                        authenticate=partial(principal_for, settings), unauthorized=Unauthorized)
 
-    def handler(code: int):  # type: ignore[no-untyped-def]
+    def handler(code: int):
         async def handle(_: Request, exc: Exception) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=code)
         return handle
@@ -77,7 +79,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(NotFound, handler(404))
     app.add_exception_handler(NotReady, handler(409))
     app.add_exception_handler(UploadTooLarge, handler(413))
-    app.add_exception_handler(StoreError, handler(503))
+    async def store_failed(request: Request, exc: Exception) -> JSONResponse:
+        # The message may quote SQL and its parameters (other users' values, the schema): log it, never send it.
+        log.error("database error on %s %s: %s", request.method, request.url.path, exc)
+        return JSONResponse({"detail": "the database is unavailable or failed; try again later"}, status_code=503)
+
+    app.add_exception_handler(StoreError, store_failed)
+    app.add_exception_handler(RequestValidationError, handle_validation)
     app.add_exception_handler(InvalidJob, handler(422))
     app.add_exception_handler(UnknownArchitectureError, handler(422))
     app.add_exception_handler(PrunePilotError, handler(422))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,6 @@ from prunepilot.compression import (
     StrategyError,
     arch_info,
     build_model,
-    finalize,
     save_artifact,
     uniform_strategy,
 )
@@ -113,13 +113,19 @@ def prune(
     import torch
 
     torch.set_num_threads(settings.threads)
+    from prunepilot.agents.pipeline import FinalConfig, PipelineHooks, finish
+
     from .workspace import open_session
 
     constraints = PruningConstraints(max_ratio=max_ratio, round_to=round_to, exclude=tuple(exclude or ()))
     if constraints.exclude:  # a misspelt layer fails here, before the data set is decoded
         PruningGraph(build_model(arch), arch_info(arch).input_size, exclude=constraints.exclude)
     session = open_session(arch, weights, data, settings, constraints, criterion, progress=True)
-    chosen = uniform_strategy(session.pruner.layer_names, uniform) if uniform is not None else _load_strategy(strategy)  # type: ignore[arg-type]
+    if uniform is not None:
+        chosen = uniform_strategy(session.pruner.layer_names, uniform)
+    else:
+        assert strategy is not None  # exactly one of the two, checked above
+        chosen = _load_strategy(strategy)
     config = FinetuneConfig(epochs=finetune_epochs, lr=lr, distill=distill)
     from tqdm import tqdm
 
@@ -129,8 +135,9 @@ def prune(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-        result = finalize(session.pruner, session.splits, chosen, config, finetune_dense=finetune_dense,
-                          test_images=test_images, threads=settings.threads, on_step=on_step)
+        result = finish(session.pruner, session.splits, chosen,
+                        FinalConfig(finetune=config, finetune_dense=finetune_dense, test_images=test_images),
+                        PipelineHooks(threads=settings.threads, on_finetune_step=on_step))
     report: dict[str, Any] = {"arch": arch, "weights": str(weights), "data": data, "criterion": criterion,
                               "finetune": config.__dict__, **result.report()}
     save_artifact(result.pruned.model, result.pruned.spec, out, report)
@@ -144,7 +151,7 @@ def _print_final(report: dict[str, Any]) -> None:
     table.add_column("")
     for name in figs:
         table.add_column(name.replace("_", " "), justify="right")
-    rows = [
+    rows: list[tuple[str, Callable[..., str]]] = [
         ("accuracy", lambda f: f"{f['accuracy']:.2%}"),
         ("MACs", lambda f: _human(f["macs"])),
         ("params", lambda f: _human(f["params"])),
@@ -289,7 +296,7 @@ def serve(
     uvicorn.run(create_app(settings), host=host or settings.host, port=port or settings.port, log_level="warning")
 
 
-def _client(url: str | None, key: str | None):  # type: ignore[no-untyped-def]
+def _client(url: str | None, key: str | None):
     import os
 
     from .client import Client
@@ -299,11 +306,11 @@ def _client(url: str | None, key: str | None):  # type: ignore[no-untyped-def]
                   key or os.environ.get("PRUNEPILOT_API_KEY"))
 
 
-def _progress_wait(client, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+def _progress_wait(client, job_id: str) -> dict:
     from tqdm import tqdm
 
     with tqdm(total=100, desc="queued", unit="%", bar_format="{desc:<34} {bar} {n:.0f}%") as bar:
-        def update(job: dict) -> None:  # type: ignore[type-arg]
+        def update(job: dict) -> None:
             phase = job["status"]
             pct = 80 * job["progress"] + 20 * job["finetune_progress"]
             best = f" best {job['best_accuracy']:.1%}" if job.get("best_accuracy") is not None else ""

@@ -13,9 +13,8 @@ import os
 import threading
 from typing import Any
 
-from .db import repo
-from .db.engine import session_scope
-from .db.models import utcnow
+from .db.lifecycle import IN_WORKER, JobStatus
+from .db.store import JobStore
 from .settings import Settings
 from .worker import HEARTBEAT_S, run_job, stale
 
@@ -43,7 +42,7 @@ def init_ray(settings: Settings) -> str:
 class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.url = settings.db_url
+        self.store = JobStore(settings.db_url)
         self.running: dict[str, Any] = {}  # job id -> Ray ObjectRef
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="dispatcher")
@@ -57,17 +56,24 @@ class Dispatcher:
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop dispatching and end this process's job tasks; their jobs stay 'running' in the
-        database and are picked up (resumed) by the next start."""
+        """Stop dispatching, end this process's job tasks and hand their jobs back to the queue: the
+        next start resumes them from their recorded trials. A shutdown is not the job's failure, so
+        the interrupted run is not counted against its attempts (graceful restarts, e.g. an upgrade,
+        must never use up a healthy job's retries)."""
         import ray
 
         self._stop.set()
         self._thread.join(timeout=10)
-        for ref in self.running.values():
+        for job_id, ref in self.running.items():
             try:
                 ray.cancel(ref, force=True)
             except Exception:  # noqa: BLE001 - already finished or Ray is going down anyway
                 pass
+            try:
+                state = self.store.requeue_or_fail(job_id, "interrupted by a shutdown", self.settings.job_max_attempts, refund=True)
+                log.info("job %s handed back at shutdown: %s", job_id, state)
+            except Exception:  # noqa: BLE001 - the database may be gone too; the next start re-queues it then
+                log.warning("job %s could not be handed back at shutdown", job_id)
         self.running.clear()
 
     def _loop(self) -> None:
@@ -92,13 +98,10 @@ class Dispatcher:
                     except Exception as exc:  # noqa: BLE001 - worker process died or Ray failed the task
                         log.warning("job %s: worker lost (%s)", job_id, type(exc).__name__)
                         self._requeue_or_fail(job_id, f"worker died ({type(exc).__name__})")
-        with session_scope(self.url) as s:
-            active = repo.jobs_in_states(s, states=("queued", "running", "finetuning"))
-            rows = [(j.id, j.status, j.heartbeat_at, j.cancel_requested) for j in active]
-        for job_id, status, heartbeat, cancel in rows:
+        for job_id, status, heartbeat, cancel in self.store.active():
             if job_id in self.running:
                 continue
-            if status in ("running", "finetuning"):
+            if status in IN_WORKER:
                 # No task of ours runs it: after a restart of an embedded deployment nothing can; on a
                 # cluster another API process may own it, so wait until its heartbeat is stale.
                 if (self._embedded and self._first_tick) or stale(heartbeat, HEARTBEAT_S * 6):
@@ -114,15 +117,8 @@ class Dispatcher:
         self._first_tick = False
 
     def _requeue_or_fail(self, job_id: str, reason: str) -> None:
-        with session_scope(self.url) as s:
-            job = repo.get_job(s, job_id=job_id)
-            if job is None or job.status not in ("running", "finetuning", "queued"):
-                return
-            if job.cancel_requested:
-                repo.update_job(s, job_id=job_id, status="cancelled", finished_at=utcnow(), error="cancelled")
-            elif job.attempts >= self.settings.job_max_attempts:
-                repo.update_job(s, job_id=job_id, status="failed", finished_at=utcnow(),
-                                error=f"{reason}; gave up after {job.attempts} attempts")
-            else:
-                repo.update_job(s, job_id=job_id, status="queued", worker_id=None)
-                log.info("job %s re-queued (%s, attempt %d done)", job_id, reason, job.attempts)
+        state = self.store.requeue_or_fail(job_id, reason, self.settings.job_max_attempts)
+        if state is JobStatus.QUEUED:
+            log.info("job %s re-queued (%s)", job_id, reason)
+        elif state is not None:
+            log.info("job %s %s (%s)", job_id, state, reason)

@@ -9,27 +9,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from sqlalchemy.orm import Session
+
 from prunepilot.agents import AGENTS, create_agent
 from prunepilot.compression import (
     BudgetError,
     PrunePilotError,
-    PruningConstraints,
     StrategyError,
     arch_info,
     build_model,
-    size_on_disk,
 )
 from prunepilot.compression.budget import BudgetChecker
 from prunepilot.compression.graph import PruningGraph
+from prunepilot.compression.resources import SizeModel
 
 from .db import repo
 from .db.engine import read_scope, session_scope
+from .db.lifecycle import JobStatus
 from .db.models import Job, Trial
-from .schemas import ACTIVE, TERMINAL, JobCreate, JobPublic, Links, TrialPublic
+from .db.store import JobStore
+from .schemas import JobCreate, JobPublic, Links, TrialPublic
 from .settings import Settings
 from .storage import LocalArtifactStore
-from .uploads import StoredUpload, discard, store_stream, validate_dataset_zip, validate_weights
-from .workspace import BUILTIN_DATASETS
+from .uploads import StoredUpload, discard, publish, store_stream, validate_dataset_zip, validate_weights, validation_slot
+from .workspace import BUILTIN_DATASETS, decode_size
 
 
 class NotFound(PrunePilotError):
@@ -53,14 +56,15 @@ class UploadedFile:
 def check_budget(spec: JobCreate, num_classes: int, input_size: int) -> dict[str, float]:
     """Ratio limits for the analytic resources; rejects budgets the layer limits cannot reach."""
     model = build_model(spec.arch, num_classes)
-    constraints = PruningConstraints(**spec.constraints.model_dump())
+    constraints = spec.constraints.to_engine()
     try:
         graph = PruningGraph(model, input_size, exclude=constraints.exclude)
     except StrategyError as exc:
         raise InvalidJob(str(exc)) from None
     if not graph.layers:
         raise InvalidJob(f"{spec.arch} has no prunable layers" + (" left after the exclusions" if constraints.exclude else ""))
-    dense = {"flops": float(graph.dense_macs), "params": float(graph.dense_params), "size": float(size_on_disk(model)), "latency": None}
+    size = SizeModel.of(model, graph.dense_params)  # the evaluator's own size model, so both agree
+    dense = {"flops": float(graph.dense_macs), "params": float(graph.dense_params), "size": float(size.dense_bytes), "latency": None}
     limits: dict[str, float] = {}
     for c in spec.budget.constraints:
         if c.resource == "latency":
@@ -70,7 +74,7 @@ def check_budget(spec: JobCreate, num_classes: int, input_size: int) -> dict[str
         except BudgetError as exc:
             raise InvalidJob(str(exc)) from None
     if limits:
-        checker = BudgetChecker.analytic(graph, constraints, limits)
+        checker = BudgetChecker.analytic(graph, constraints, limits, size)
         if not checker.reachable():
             floor = checker.floor()
             parts = ", ".join(f"{r} can go down to {floor[r]:.1%} of dense" for r in limits)
@@ -97,7 +101,7 @@ def to_public(job: Job) -> JobPublic:
         f"{c['resource']} <= " + (f"{c['ratio']:.0%}" if c.get("ratio") is not None else f"{c['value']:g}")
         for c in job.problem["spec"]["budget"]["constraints"])
     return JobPublic(
-        id=job.id, name=job.name, status=job.status, agent=job.agent, arch=job.arch, dataset=job.dataset, budget=budget,  # type: ignore[arg-type]
+        id=job.id, name=job.name, status=JobStatus(job.status), agent=job.agent, arch=job.arch, dataset=job.dataset, budget=budget,
         problem_key=job.problem_key, progress=job.progress, finetune_progress=job.finetune_progress, evaluations=job.evaluations,
         best_accuracy=job.best_accuracy, best_step=job.best_step, best_metrics=job.best_metrics, result=job.result, error=job.error,
         attempts=job.attempts, created_at=job.created_at, started_at=job.started_at, finetune_started_at=job.finetune_started_at,
@@ -115,6 +119,7 @@ class JobService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.url = settings.db_url
+        self.store = JobStore(settings.db_url)
 
     # ------------------------------------------------------------------ create
 
@@ -140,7 +145,8 @@ class JobService:
         try:
             w = store_stream(weights.stream, weights.filename, "weights", self.settings)
             stored.append(w)
-            num_classes = validate_weights(spec.arch, w)
+            with validation_slot(self.settings):  # it loads the whole file: a few at a time, whatever arrives
+                num_classes = validate_weights(spec.arch, w)
             input_size = spec.image_size or (info.input_size if info.family == "cifar-resnet" else 32)
             dataset_path: str = "cifar10-jpeg"
             dataset_key = "cifar10-jpeg"
@@ -149,21 +155,23 @@ class JobService:
             if dataset is not None:
                 d = store_stream(dataset.stream, dataset.filename, "dataset", self.settings)
                 stored.append(d)
-                validate_dataset_zip(d, self.settings)
-                dataset_path, dataset_key = str(d.path), d.sha256
+                validate_dataset_zip(d, self.settings, image_size=decode_size(spec.arch, spec.image_size))
+                dataset_path, dataset_key = str(d.final), d.sha256
             check_budget(spec, num_classes, input_size)
-        except PrunePilotError as exc:
-            for s in stored:
-                discard(s)
-            if isinstance(exc, (InvalidJob, NotFound)):
+        except BaseException as exc:  # staged files are this request's own: drop them whatever went wrong
+            for up in stored:
+                discard(up)
+            if not isinstance(exc, PrunePilotError) or isinstance(exc, (InvalidJob, NotFound)):
                 raise
             raise InvalidJob(str(exc)) from None
+        for up in stored:  # accepted: before the job row exists, so it never names a missing file
+            publish(up)
         job_id = uuid.uuid4().hex
-        problem: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "weights_path": str(w.path), "weights_sha256": w.sha256,
+        problem: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "weights_path": str(w.final), "weights_sha256": w.sha256,
                                    "dataset_path": dataset_path, "num_classes": num_classes}
         with session_scope(self.url) as s:
             for up, kind in zip(stored, ("weights", "dataset"), strict=False):
-                repo.add_upload(s, sha256=up.sha256, kind=kind, path=str(up.path), size_bytes=up.size, filename=up.filename)
+                repo.add_upload(s, sha256=up.sha256, kind=kind, path=str(up.final), size_bytes=up.size, filename=up.filename)
             job = repo.create_job(s, job_id=job_id, agent=spec.agent, arch=spec.arch,
                                   dataset=spec.dataset if spec.dataset != "upload" else f"upload:{dataset_key[:12]}",
                                   problem=problem, problem_key=problem_key(spec, w.sha256, dataset_key), owner_id=owner_id)
@@ -173,7 +181,7 @@ class JobService:
 
     # ------------------------------------------------------------------ read
 
-    def _job(self, s, owner_id: int | None, job_id: str) -> Job:  # type: ignore[no-untyped-def]
+    def _job(self, s: Session, owner_id: int | None, job_id: str) -> Job:
         job = repo.get_job(s, job_id=job_id, owner_id=owner_id)
         if job is None:  # another user's job is indistinguishable from a missing one
             raise NotFound(f"job {job_id} not found")
@@ -183,7 +191,7 @@ class JobService:
         with read_scope(self.url) as s:
             return to_public(self._job(s, owner_id, job_id))
 
-    def list(self, owner_id: int | None, status: str | None = None, agent: str | None = None, problem_key: str | None = None,
+    def list_jobs(self, owner_id: int | None, status: str | None = None, agent: str | None = None, problem_key: str | None = None,
              limit: int = 50, offset: int = 0) -> tuple[list[JobPublic], int]:
         with read_scope(self.url) as s:
             rows, total = repo.list_jobs(s, owner_id=owner_id, status=status, agent=agent, problem_key=problem_key,
@@ -215,17 +223,9 @@ class JobService:
     # ------------------------------------------------------------------ cancel
 
     def cancel(self, owner_id: int | None, job_id: str) -> JobPublic:
-        from .db.models import utcnow
-
-        with session_scope(self.url) as s:
-            job = self._job(s, owner_id, job_id)
-            if job.status in TERMINAL:
-                raise NotReady(f"job {job_id} already {job.status}")
-            if job.status == "queued":
-                repo.update_job(s, job_id=job_id, status="cancelled", cancel_requested=True, finished_at=utcnow(),
-                                error="cancelled before it started")
-            elif job.status in ACTIVE:
-                repo.update_job(s, job_id=job_id, cancel_requested=True)
-            s.flush()
-            s.refresh(job)
-            return to_public(job)
+        with read_scope(self.url) as s:
+            self._job(s, owner_id, job_id)  # 404 for a missing job or another user's
+        if self.store.request_cancel(job_id) is None:
+            raise NotReady(f"job {job_id} already {self.store.status(job_id)}")
+        with read_scope(self.url) as s:
+            return to_public(self._job(s, owner_id, job_id))

@@ -3,31 +3,44 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from prunepilot.compression import Budget
+from prunepilot.agents import SearchLimits
+from prunepilot.agents.pipeline import FinalConfig, PipelineConfig
+from prunepilot.compression import Budget, Fidelity, FinetuneConfig, PruningConstraints
 from prunepilot.compression.evaluate import FIDELITY_METHODS
 from prunepilot.compression.importance import CRITERIA
 
-JobStatus = Literal["queued", "running", "finetuning", "succeeded", "failed", "cancelled"]
-TERMINAL = ("succeeded", "failed", "cancelled")
-ACTIVE = ("queued", "running", "finetuning")
+from .db.lifecycle import JobStatus
+
+# Every part of a job spec: an unknown key is a typo, and NaN or infinity is never a meaningful setting
+# (NaN slips through range checks elsewhere; JSON parsers and pydantic's lax mode both produce it).
+SPEC_CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False)
+# The engine's configs hold the defaults; the API's schemas read them from there (one set).
+_FIDELITY, _FINETUNE, _CONSTRAINTS = Fidelity(), FinetuneConfig(), PruningConstraints()
 
 
 class SearchSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = SPEC_CONFIG
     max_evaluations: int | None = Field(default=60, ge=1, le=100_000, description="evaluations (trials) the agent may use")
     max_seconds: float | None = Field(default=None, gt=0, description="wall-time limit for the search")
 
+    def to_engine(self) -> SearchLimits:
+        return SearchLimits(self.max_evaluations, self.max_seconds)
+
 
 class FidelitySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: str = Field(default="adaptive-bn", description=f"one of {', '.join(FIDELITY_METHODS)}")
-    val_images: int | None = Field(default=1000, ge=10)
-    calib_images: int = Field(default=1024, ge=1)
-    finetune_steps: int = Field(default=50, ge=1)
+    model_config = SPEC_CONFIG
+    method: str = Field(default=_FIDELITY.method, description=f"one of {', '.join(FIDELITY_METHODS)}")
+    val_images: int | None = Field(default=_FIDELITY.val_images, ge=10)
+    calib_images: int = Field(default=_FIDELITY.calib_images, ge=1)
+    finetune_steps: int = Field(default=_FIDELITY.finetune_steps, ge=1)
+
+    def to_engine(self) -> Fidelity:
+        return Fidelity(method=self.method, val_images=self.val_images, calib_images=self.calib_images,  # type: ignore[arg-type]
+                        finetune_steps=self.finetune_steps)
 
     @field_validator("method")
     @classmethod
@@ -38,35 +51,43 @@ class FidelitySpec(BaseModel):
 
 
 class FinetuneSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = SPEC_CONFIG
+    # A job fine-tunes one epoch unless told otherwise (the engine's own default, 0, means "none").
     epochs: float = Field(default=1.0, ge=0, le=1000)
-    lr: float = Field(default=0.01, gt=0, le=10)
+    lr: float = Field(default=_FINETUNE.lr, gt=0, le=10)
     distill: bool = False
     finetune_dense: bool = Field(default=False, description="also fine-tune the dense model with the same budget (honest drop)")
-    batch_size: int = Field(default=128, ge=1, le=4096)
+    batch_size: int = Field(default=_FINETUNE.batch_size, ge=1, le=4096)
+
+    def to_engine(self, seed: int) -> FinetuneConfig:
+        return FinetuneConfig(epochs=self.epochs, lr=self.lr, distill=self.distill, batch_size=self.batch_size, seed=seed)
 
 
 class ConstraintsSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    max_ratio: float = Field(default=0.8, ge=0, lt=1)
-    first_layer_max_ratio: float = Field(default=0.5, ge=0, lt=1)
-    round_to: int | None = Field(default=None, ge=1)
+    model_config = SPEC_CONFIG
+    max_ratio: float = Field(default=_CONSTRAINTS.max_ratio, ge=0, lt=1)
+    first_layer_max_ratio: float = Field(default=_CONSTRAINTS.first_layer_max_ratio, ge=0, lt=1)
+    round_to: int | None = Field(default=_CONSTRAINTS.round_to, ge=1)
     exclude: list[str] = Field(
         default_factory=list, max_length=1000,
         description="layers to leave whole, named by any conv/linear of their channel group (as `prunepilot profile` lists them)",
     )
 
+    def to_engine(self) -> PruningConstraints:
+        return PruningConstraints(max_ratio=self.max_ratio, first_layer_max_ratio=self.first_layer_max_ratio,
+                                  round_to=self.round_to, exclude=tuple(self.exclude))
+
 
 class MeasureSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = SPEC_CONFIG
     test_images: int | None = Field(default=None, ge=10, description="final figures on a stratified test subset (default: all)")
-    latency_batches: list[int] = Field(default=[1, 64], min_length=1, max_length=4)
+    latency_batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[1, 64], min_length=1, max_length=4)
 
 
 class JobCreate(BaseModel):
     """The JSON part (``spec``) of ``POST /v1/jobs``."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+    model_config = ConfigDict(**SPEC_CONFIG, json_schema_extra={"examples": [{
         "arch": "resnet20", "dataset": "cifar10-jpeg", "agent": "optuna-tpe",
         "budget": {"constraints": [{"resource": "flops", "ratio": 0.5}]},
         "search": {"max_evaluations": 60}, "finetune": {"epochs": 1},
@@ -84,7 +105,7 @@ class JobCreate(BaseModel):
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     criterion: str = Field(default="l2", description=f"channel importance: {', '.join(CRITERIA)}")
     image_size: int | None = Field(default=None, ge=8, le=1024, description="resize uploaded images (default: native size)")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="32 bits: Optuna's samplers seed a NumPy RandomState")
     name: str | None = Field(default=None, max_length=200)
 
     @field_validator("criterion")
@@ -93,6 +114,22 @@ class JobCreate(BaseModel):
         if v not in CRITERIA:
             raise ValueError(f"unknown criterion {v!r}; choose one of {', '.join(CRITERIA)}")
         return v
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and "\x00" in v:  # PostgreSQL text cannot hold NUL: refuse it here, not as a database error
+            raise ValueError("must not contain NUL characters")
+        return v
+
+    def pipeline_config(self) -> PipelineConfig:
+        """The job as the pipeline runs it: parsed once, typed, engine defaults."""
+        return PipelineConfig(agent=self.agent, budget=self.budget, agent_options=dict(self.agent_options),
+                              search=self.search.to_engine(), fidelity=self.fidelity.to_engine(),
+                              final=FinalConfig(finetune=self.finetune.to_engine(self.seed), finetune_dense=self.finetune.finetune_dense,
+                                                test_images=self.measure.test_images,
+                                                latency_batches=tuple(self.measure.latency_batches)),
+                              seed=self.seed)
 
 
 class Links(BaseModel):

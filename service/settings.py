@@ -40,6 +40,23 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * 1024 * 1024, description="largest accepted upload")
     max_zip_files: int = Field(default=200_000)
     max_zip_bytes: int = Field(default=4 * 1024**3, description="cap on a dataset zip's uncompressed size")
+    max_decoded_bytes: int = Field(
+        default=1024**3, ge=1,
+        description="cap on an uploaded data set's decoded size, checked at submission (422 naming it and the estimate): "
+                    "images x 3 x image_size^2 bytes (the worker's uint8 cache), or at native size (no image_size) 3 x width "
+                    "x height of each image, read from its header. A worker's memory grows by about three times this while "
+                    "it decodes")
+    # (defaults as prunepilot.compression.data.MAX_IMAGE_BYTES / MAX_IMAGE_PIXELS, the engine's own)
+    max_image_bytes: int = Field(default=128 * 1024**2, ge=1,
+                                 description="largest image file (uncompressed) in a data set: a bigger zip entry is refused "
+                                             "at submission, and a worker skips and reports one without reading it")
+    max_image_pixels: int = Field(default=40_000_000, ge=1,
+                                  description="largest image (width x height) a worker decodes; a bigger one is skipped and "
+                                              "reported like an undecodable file (and counts nothing in the decoded size)")
+    max_concurrent_validations: int = Field(default=2, ge=1,
+                                            description="uploaded weights loaded at once to validate them, per API process "
+                                                        "(each loads the whole file into memory); further submissions "
+                                                        "wait their turn")
     job_max_attempts: int = Field(default=3, ge=1, description="runs of a job whose worker died, before it fails")
     dispatch_interval_s: float = Field(default=1.0, gt=0)
     run_dispatcher: bool = Field(default=True, description="run jobs from this API process (off: an API-only replica)")

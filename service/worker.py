@@ -19,32 +19,18 @@ from typing import Any
 
 import torch
 
-from prunepilot.agents import (
-    Mapper,
-    SearchCancelled,
-    SearchContext,
-    SearchEnv,
-    SearchLimits,
-    check_measured_latency,
-    create_agent,
-)
-from prunepilot.compression import (
-    Budget,
-    Evaluator,
-    Fidelity,
-    FinetuneConfig,
-    PrunePilotError,
-    PruningConstraints,
-    finalize,
-    save_artifact,
-)
-from prunepilot.compression.latency import LatencyTable
+from prunepilot.agents import Mapper, SearchCancelled, SearchEnv, SearchResult
+from prunepilot.agents.pipeline import PipelineHooks, run_pipeline
+from prunepilot.compression import PrunePilotError, save_artifact
 
 from .db import repo
-from .db.engine import as_utc, session_scope
+from .db.engine import as_utc
+from .db.lifecycle import JobStatus
 from .db.models import utcnow
+from .db.store import JobStore
 from .latency_store import SqlLatencyStore
 from .recorder import SqlTrialRecorder
+from .schemas import JobCreate
 from .settings import Settings
 from .storage import LocalArtifactStore
 from .workspace import open_session
@@ -58,134 +44,101 @@ def worker_id() -> str:
 
 
 class _Heartbeat(threading.Thread):
-    def __init__(self, url: str, job_id: str) -> None:
+    def __init__(self, store: JobStore, job_id: str) -> None:
         super().__init__(daemon=True, name=f"heartbeat-{job_id[:8]}")
-        self.url, self.job_id = url, job_id
+        self.store, self.job_id = store, job_id
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             try:
-                with session_scope(self.url) as s:
-                    repo.update_job(s, job_id=self.job_id, heartbeat_at=utcnow())
+                self.store.heartbeat(self.job_id)
             except PrunePilotError:  # a busy database must not kill the job; the next beat retries
                 log.warning("heartbeat for %s failed", self.job_id)
-
-
-def _finish(url: str, job_id: str, **values: Any) -> None:
-    with session_scope(url) as s:
-        repo.update_job(s, job_id=job_id, finished_at=utcnow(), **values)
 
 
 def run_job(job_id: str, settings_data: dict[str, Any]) -> str:
     """Run a job to a terminal state; returns that state. Raises only if the process itself breaks."""
     settings = Settings(**settings_data)
-    url = settings.db_url
+    store = JobStore(settings.db_url)
     me = worker_id()
-    with session_scope(url) as s:
-        if not repo.claim_job(s, job_id=job_id, worker_id=me, from_states=("queued",)):
-            job = repo.get_job(s, job_id=job_id)
-            return job.status if job else "missing"
-        job = repo.get_job(s, job_id=job_id)
-        problem = dict(job.problem)
-        cancel_requested = job.cancel_requested
-    if cancel_requested:
-        _finish(url, job_id, status="cancelled", error="cancelled")
+    job = store.claim(job_id, me)
+    if job is None:
+        status = store.status(job_id)
+        return str(status) if status is not None else "missing"
+    problem = dict(job.problem)
+    if job.cancel_requested:
+        store.finish(job_id, me, JobStatus.CANCELLED, error="cancelled")
         return "cancelled"
-    beat = _Heartbeat(url, job_id)
+    beat = _Heartbeat(store, job_id)
     beat.start()
     try:
-        state = _execute(job_id, problem, settings)
-        return state
+        return _execute(job_id, me, problem, settings, store)
     except SearchCancelled:
-        _finish(url, job_id, status="cancelled", error="cancelled by request")
-        return "cancelled"
+        return _end(store, job_id, me, JobStatus.CANCELLED, "cancelled by request")
     except PrunePilotError as exc:
-        _finish(url, job_id, status="failed", error=str(exc))
-        return "failed"
+        return _end(store, job_id, me, JobStatus.FAILED, str(exc))
     except Exception as exc:  # noqa: BLE001 - a bug must end the job with a message, not leave it running
         log.error("job %s crashed:\n%s", job_id, traceback.format_exc())
-        _finish(url, job_id, status="failed", error=f"internal error: {type(exc).__name__}: {exc}")
-        return "failed"
+        return _end(store, job_id, me, JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}")
     finally:
         beat.stop.set()
 
 
-def _execute(job_id: str, problem: dict[str, Any], settings: Settings) -> str:
-    url = settings.db_url
-    spec = problem["spec"]
-    torch.set_num_threads(max(1, int(settings.job_cpus)) if settings.job_cpus >= 1 else 1)
-    constraints = PruningConstraints(**spec["constraints"])
-    session = open_session(spec["arch"], problem["weights_path"], problem["dataset_path"], settings, constraints,
-                           spec["criterion"], image_size=spec.get("image_size"))
-    budget = Budget.model_validate(spec["budget"])
-    latency_constraint = budget.get("latency")
-    table = None
-    if latency_constraint is not None:
-        table = LatencyTable(session.pruner.graph, session.pruner.model, SqlLatencyStore(url),
-                             latency_constraint.batch_size, torch.get_num_threads())
-        table.build(should_stop=lambda: _cancelled(url, job_id))
-        table.calibrate()
-    fid = spec["fidelity"]
-    fidelity = Fidelity(method=fid["method"], val_images=fid["val_images"], calib_images=fid["calib_images"],
-                        finetune_steps=fid["finetune_steps"])
-    evaluator = Evaluator(session.pruner, session.splits, fidelity, latency_model=table)
-    g = session.pruner.graph
-    dense = {"flops": float(g.dense_macs), "params": float(g.dense_params), "size": float(evaluator.dense_size),
-             "latency": table.dense_ms if table else None}
-    limits = budget.ratio_limits(dense)
-    search = SearchLimits(spec["search"]["max_evaluations"], spec["search"]["max_seconds"])
-    recorder = SqlTrialRecorder(url, job_id, search.max_evaluations)
-    state_dir = settings.data_dir / "jobs" / job_id / "state"
-    env = SearchEnv(map=_ray_map(), optuna_storage=url, study_name=f"job-{job_id}")
-    ctx = SearchContext(evaluator, limits, search, recorder, seed=spec["seed"], agent=spec["agent"], state_dir=state_dir, env=env)
-    result = create_agent(spec["agent"], **spec.get("agent_options", {})).search(ctx)
-    if result.best is None:
-        raise PrunePilotError("the search found no strategy within the budget")
-    result = check_measured_latency(ctx, result)  # a latency budget is met as measured, not only as predicted
+def _end(store: JobStore, job_id: str, me: str, status: JobStatus, error: str) -> str:
+    """End the job this worker holds; if it no longer holds it (re-queued, handed to another
+    worker), leave it alone and say what it is now."""
+    if store.finish(job_id, me, status, error=error):
+        return str(status)
+    now = store.status(job_id)
+    log.warning("job %s: not ending it as %s, it is %s and no longer this worker's", job_id, status, now)
+    return str(now) if now is not None else "missing"
 
-    with session_scope(url) as s:
-        repo.update_job(s, job_id=job_id, status="finetuning", finetune_started_at=utcnow(), progress=1.0)
-    ft = spec["finetune"]
-    config = FinetuneConfig(epochs=ft["epochs"], lr=ft["lr"], distill=ft["distill"], batch_size=ft["batch_size"], seed=spec["seed"])
-    progress = _FinetuneProgress(url, job_id)
-    final = finalize(session.pruner, session.splits, result.best.strategy, config, finetune_dense=ft["finetune_dense"],
-                     test_images=spec["measure"]["test_images"], latency_batches=tuple(spec["measure"]["latency_batches"]),
-                     threads=torch.get_num_threads(), on_step=progress, initial_model=result.model)
-    report = {"arch": spec["arch"], "agent": spec["agent"], "budget": budget.describe(), "limits": limits,
-              "search": {"evaluations": result.trials, "seconds": result.seconds, "best_step": result.best.step,
-                         "best_search_accuracy": result.best.accuracy, "fidelity": fidelity.tag,
-                         "pareto_steps": [t.step for t in result.pareto],
-                         **({"latency_check": result.info["latency_check"]} if "latency_check" in result.info else {})},
-              "decode_failures": [f.__dict__ for f in session.splits.failures][:100],
-              **final.report()}
-    if table is not None:
-        report["latency_table"] = table.summary()
-    store = LocalArtifactStore(settings.artifacts_dir)
+
+def _execute(job_id: str, me: str, problem: dict[str, Any], settings: Settings, store: JobStore) -> str:
+    """The job through the one pipeline, wired to the database: SQL trials, Ray map, progress."""
+    url = settings.db_url
+    spec = JobCreate.model_validate(problem["spec"])
+    config = spec.pipeline_config()
+    torch.set_num_threads(max(1, int(settings.job_cpus)) if settings.job_cpus >= 1 else 1)
+    session = open_session(spec.arch, problem["weights_path"], problem["dataset_path"], settings, spec.constraints.to_engine(),
+                           spec.criterion, image_size=spec.image_size)
+
+    def search_done(_: SearchResult) -> None:
+        if not store.start_finetune(job_id, me):
+            raise SearchCancelled("the job is no longer this worker's")
+
+    hooks = PipelineHooks(
+        recorder=SqlTrialRecorder(url, job_id, config.search.max_evaluations),
+        env=SearchEnv(map=_ray_map(), optuna_storage=url, study_name=f"job-{job_id}"),
+        state_dir=settings.data_dir / "jobs" / job_id / "state",
+        latency_store=SqlLatencyStore(url),
+        should_stop=lambda: store.cancel_requested(job_id),
+        on_search_done=search_done,
+        on_finetune_step=_FinetuneProgress(store, job_id),
+    )
+    result = run_pipeline(session.pruner, session.splits, config, hooks, spec.arch)
+    final, report = result.final, result.report
+    artifacts = LocalArtifactStore(settings.artifacts_dir)
     out = settings.artifacts_dir / job_id / "model"
     save_artifact(final.pruned.model, final.pruned.spec, out, report)
-    location = store.put(job_id, "model", out)
+    location = artifacts.put(job_id, "model", out)
     weights_file = out / "model.safetensors"
-    with session_scope(url) as s:
+    with store.write() as s:
         repo.add_artifact(s, job_id=job_id, kind="model", path=location, size_bytes=weights_file.stat().st_size,
                           sha256=hashlib.sha256(weights_file.read_bytes()).hexdigest())
-        repo.update_job(s, job_id=job_id, status="succeeded", result=report, finetune_progress=1.0, finished_at=utcnow())
+        if not repo.finish_job(s, job_id=job_id, status=JobStatus.SUCCEEDED, worker_id=me, result=report, finetune_progress=1.0):
+            raise SearchCancelled("the job is no longer this worker's")  # rolls the artifact row back
     return "succeeded"
-
-
-def _cancelled(url: str, job_id: str) -> bool:
-    with session_scope(url) as s:
-        job = repo.get_job(s, job_id=job_id)
-        return job is None or job.cancel_requested
 
 
 class _FinetuneProgress:
     """Fine-tune step callback: progress to the job row every few seconds, and the cancel flag."""
 
-    def __init__(self, url: str, job_id: str, every_s: float = 2.0) -> None:
+    def __init__(self, store: JobStore, job_id: str, every_s: float = 2.0) -> None:
         import time
 
-        self.url, self.job_id, self.every_s = url, job_id, every_s
+        self.store, self.job_id, self.every_s = store, job_id, every_s
         self._clock = time.monotonic
         self._last = 0.0
 
@@ -194,11 +147,9 @@ class _FinetuneProgress:
         if now - self._last < self.every_s and step < total:
             return False
         self._last = now
-        with session_scope(self.url) as s:
-            repo.update_job(s, job_id=self.job_id, finetune_progress=step / max(1, total), heartbeat_at=utcnow())
-            job = repo.get_job(s, job_id=self.job_id)
-            if job is not None and job.cancel_requested:
-                raise SearchCancelled("cancelled during fine-tuning")
+        self.store.progress(self.job_id, finetune_progress=step / max(1, total), heartbeat_at=utcnow())
+        if self.store.cancel_requested(self.job_id):
+            raise SearchCancelled("cancelled during fine-tuning")
         return False
 
 

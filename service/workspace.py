@@ -37,12 +37,30 @@ def infer_num_classes(state_dict: dict[str, torch.Tensor]) -> int:
     raise WeightsError("cannot find a classifier (2-D weight) in the weights to infer the number of classes")
 
 
-def load_user_model(arch: str, weights: str | Path) -> tuple[nn.Module, int]:
+def check_weight_values(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse weights that load but cannot mean anything: NaN / infinite values, integer parameters.
+
+    ``load_state_dict`` casts integers into float parameters and copies NaN silently; such a job ran
+    to the end and "succeeded" at chance accuracy. Integer buffers (BatchNorm's counter, channel
+    indices) are legitimately integer and only floating-point tensors are checked for finiteness.
+    """
+    parameters = {name for name, _ in model.named_parameters()}
+    for name, tensor in state_dict.items():
+        if name in parameters and not tensor.is_floating_point():
+            raise WeightsError(f"weights: {name} holds {str(tensor.dtype).removeprefix('torch.')} values; parameters must be floating point")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"weights: {name} holds values that are not finite (NaN or infinity)")
+
+
+def load_user_model(arch: str, weights: str | Path, source: str | None = None) -> tuple[nn.Module, int]:
+    """The architecture with the weights loaded; ``source`` names the weights in messages."""
     arch_info(arch)  # unknown architecture: clear error before reading any file
-    state = read_state_dict(weights)
+    source = source or Path(weights).name
+    state = read_state_dict(weights, source=source)
     num_classes = infer_num_classes(state)
     model = build_model(arch, num_classes)
-    load_weights(model, state, source=Path(weights).name)
+    load_weights(model, state, source=source)
+    check_weight_values(model, state)
     return model.eval(), num_classes
 
 
@@ -60,7 +78,14 @@ def dataset_path(ref: str, settings: Settings) -> Path:
 
 def open_data(ref: str, settings: Settings, image_size: int | None = None, val_size: int | None = None, progress: bool = False) -> DataSplits:
     return load_splits(dataset_path(ref, settings), cache_dir=settings.cache_dir, val_size=val_size,
-                       image_size=image_size, progress=progress)
+                       image_size=image_size, progress=progress,
+                       max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels)
+
+
+def decode_size(arch: str, image_size: int | None) -> int | None:
+    """The size a job's images are decoded at: the spec's, else the CIFAR ResNets' own 32, else native (None)."""
+    info = arch_info(arch)
+    return image_size or (info.input_size if info.family == "cifar-resnet" else None)
 
 
 @dataclass
@@ -83,9 +108,7 @@ def open_session(
     image_size: int | None = None,
 ) -> Session:
     model, num_classes = load_user_model(arch, weights)
-    info = arch_info(arch)
-    size = image_size or (info.input_size if info.family == "cifar-resnet" else None)
-    splits = open_data(data, settings, image_size=size, progress=progress)
+    splits = open_data(data, settings, image_size=decode_size(arch, image_size), progress=progress)
     if splits.num_classes != num_classes:
         raise DataError(f"the data has {splits.num_classes} classes but the weights classify {num_classes}")
     taylor = None

@@ -3,6 +3,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,11 +69,56 @@ def test_multiple_constraints_hold_together(evaluator: Evaluator) -> None:
     assert best.metrics["macs_ratio"] <= 0.6 and best.metrics["params_ratio"] <= 0.4
 
 
-@pytest.mark.timeout(120)  # an agent that keeps drawing unprojectable profiles would hang here
+def test_a_budget_below_the_floor_is_refused_before_any_search(evaluator: Evaluator) -> None:
+    """The floor is every layer at its largest allowed ratio. Under it SearchContext refuses the
+    budget at once, naming the resource, the floor and the limit; just over it, it accepts."""
+    pruner = evaluator.pruner
+    floor = evaluator.resources(pruner.kept_from_vector(pruner.max_ratios()))["flops"]
+    assert 0.05 < floor < 0.5
+    before = evaluator.evaluations
+    below = floor * 0.98
+    message = f"budget is infeasible under the layer limits: even the largest allowed ratio in every layer gives " \
+              f"flops {100 * floor:.1f} % of dense > limit {100 * below:.1f} %"
+    with pytest.raises(PrunePilotError, match=re.escape(message)):
+        ctx_for(evaluator, "random", limits={"flops": below})
+    assert evaluator.evaluations == before
+    ctx_for(evaluator, "random", limits={"flops": floor * 1.001})
+
+
+class OverBudgetEvaluator(Evaluator):
+    """Reports every network it measures at the dense model's MACs. The pruning graph's arithmetic
+    (what SearchContext checks a budget against) is untouched, so a budget is reachable, yet no
+    evaluated trial is feasible. NetAdapt reports its own fine-tuned candidates through
+    ``metrics_for`` too, so every agent sees the same."""
+
+    def metrics_for(self, model, kept, acc, fidelity_tag):  # type: ignore[no-untyped-def]
+        m = super().metrics_for(model, kept, acc, fidelity_tag)
+        m.macs, m.macs_ratio = self.pruner.graph.dense_macs, 1.0
+        return m
+
+
+@pytest.fixture(scope="module")
+def over_budget(resnet20, mini_splits) -> Evaluator:
+    return OverBudgetEvaluator(Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32), mini_splits,
+                               Fidelity(val_images=100, calib_images=128))
+
+
+# NetAdapt asked for the whole reduction at once takes the deepest single-layer cut per iteration
+# (one short fine-tune each) until the graph says the budget is met; a loose budget keeps that short.
+NO_FEASIBLE = {"netadapt": (20, {"initial_reduction": 1.0, "short_steps": 1}, 0.85)}
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", sorted(AGENTS))
-def test_infeasible_budget_is_a_clear_error(evaluator: Evaluator, name: str) -> None:
-    with pytest.raises(PrunePilotError, match="infeasible|no strategy|found no"):
-        create_agent(name).search(ctx_for(evaluator, name, limits={"flops": 0.05}))
+def test_a_search_that_finds_no_feasible_strategy_is_a_clear_error(over_budget: Evaluator, name: str) -> None:
+    evals, options, limit = NO_FEASIBLE.get(name, (2, {}, 0.5))
+    ctx = ctx_for(over_budget, name, evals=evals, limits={"flops": limit})
+    assert ctx.feasible(ctx.max_ratios)  # reachable: SearchContext accepted it
+    with pytest.raises(PrunePilotError, match="no strategy within the budget"):
+        create_agent(name, **options).search(ctx)
+    trials = ctx.recorder.existing()
+    assert trials and not any(t.feasible for t in trials)  # it searched, and every evaluated network missed
+    assert all(t.metrics["macs_ratio"] == 1.0 for t in trials)
 
 
 def test_unknown_agent_and_resource(evaluator: Evaluator) -> None:

@@ -132,3 +132,56 @@ def test_one_agent_problem_renders(browser, seeded) -> None:
     assert page.locator("#finals tbody tr").count() == 1
     assert "60%" in page.inner_text("#problem-title")
     page.close()
+
+
+XSS = '<img src=x onerror="window.__xss=1">'
+# Records what the Content-Security-Policy blocks, so a policy too tight for plotly fails here.
+WATCH_CSP = ("window.__csp = []; document.addEventListener('securitypolicyviolation', "
+             "(e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
+
+
+def plant_failed_run(srv: Server, job_id: str) -> None:
+    """What a run could leave behind, with markup wherever a user's string reaches the page."""
+    from prunepilot.service.db.engine import session_scope
+    from prunepilot.service.db.models import Job, Trial
+
+    costs = {"metrics": {}, "macs_ratio": 0.5, "params_ratio": 0.5, "size_ratio": 0.5, "wall_time_s": 1.0}
+    with session_scope(f"sqlite:///{srv.data_dir / 'prunepilot.db'}") as s:
+        job = s.get(Job, job_id)
+        job.status, job.error, job.best_step, job.best_accuracy = "failed", f"boom: {XSS}", 0, 0.5
+        s.add(Trial(job_id=job_id, step=0, agent=job.agent, kind="search", strategy={XSS: 0.5, "conv1": 0.2},
+                    accuracy=0.5, feasible=True, **costs))
+        s.add(Trial(job_id=job_id, step=1, agent=job.agent, kind="sensitivity", strategy={XSS: 0.3}, accuracy=0.4,
+                    extra={"layer": XSS, "ratio": 0.3}, **costs))
+
+
+def test_user_strings_render_as_text_under_the_csp(browser, tmp_path: Path, mini_zip: Path, resnet20_weights: Path) -> None:
+    """Stored XSS: a job name, an error and layer names holding markup show as text and run nothing."""
+    srv = Server(tmp_path / "xss")
+    srv.cli("db", "upgrade")
+    key = srv.cli("keys", "create").split()[-1]
+    srv.env["PRUNEPILOT_RUN_DISPATCHER"] = "0"
+    srv.start()
+    try:
+        with Client(srv.url, key) as client:
+            job = client.submit(spec("uniform", 1, name=XSS), resnet20_weights, mini_zip)
+        plant_failed_run(srv, job["id"])
+        page = browser.new_page()
+        page.add_init_script(WATCH_CSP)
+        page.goto(f"{srv.url}/dashboard#key={key}")
+        # a locator, not wait_for_function: that evaluates a string, which the policy (rightly) refuses
+        page.locator("#sensitivity .scatterlayer .trace").first.wait_for(state="attached", timeout=30000)
+        assert page.evaluate("() => window.__xss") is None
+        row = page.locator(f"tr[data-job='{job['id']}']")
+        assert row.locator("td").first.inner_text() == XSS
+        assert row.locator(".error").inner_text() == f"boom: {XSS}"
+        assert page.locator("main img").count() == 0
+        assert XSS in page.locator("#ratios .xtick text").all_text_contents()  # plotly shows the layer name literally too
+        assert page.evaluate("() => window.__csp") == []
+        # the key stays in this tab, and leaves the address bar
+        assert page.evaluate("() => localStorage.getItem('prunepilot-key')") is None
+        assert page.evaluate("() => sessionStorage.getItem('prunepilot-key')") == key
+        assert key not in page.url
+        page.close()
+    finally:
+        srv.stop()

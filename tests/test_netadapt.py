@@ -2,30 +2,56 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
+from helpers.clock import FakeClock
 
+import prunepilot.agents.latency_check as latency_check
+import prunepilot.agents.netadapt as netadapt
 from prunepilot.agents import MemoryRecorder, SearchContext, SearchEnv, SearchLimits, check_measured_latency, create_agent
+from prunepilot.agents.latency_check import measured_share
 from prunepilot.compression import Evaluator, Fidelity, Pruner
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
-from prunepilot.compression.measure import measure_pair
+
+# The table is built on a deterministic clock (tests/helpers/clock.py) whose cost model it predicts
+# exactly, and "measured" latency comes from stand-in clocks: the control logic is tested, not the
+# machine's load. test_measured_share_with_the_real_clock is the one real-clock check (interleaved
+# ratios, stated tolerances); benchmarks/netadapt.py measures NetAdapt's networks for real.
+CLOCK = FakeClock()
 
 
 @pytest.fixture(scope="module")
 def setup(resnet20, mini_splits, tmp_path_factory: pytest.TempPathFactory):
     pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32)
-    table = LatencyTable(pruner.graph, pruner.model, FileLatencyStore(tmp_path_factory.mktemp("lut") / "t.json"))
-    table.build(warmup=3, repeats=15)
-    table.calibrate(repeats=40)
+    # one thread for the real-clock check (two threads on a loaded two-core machine wait on each other)
+    table = LatencyTable(pruner.graph, pruner.model, FileLatencyStore(tmp_path_factory.mktemp("lut") / "t.json"), threads=1,
+                         timer=CLOCK.time_probe, measure=CLOCK.measure)
+    table.build(warmup=1, repeats=3)
+    table.calibrate(repeats=1)
     ev = Evaluator(pruner, mini_splits, Fidelity(val_images=100, calib_images=128), latency_model=table)
     return ev, table
 
 
-def test_netadapt_meets_a_latency_budget_as_measured(setup, tmp_path) -> None:
+def test_netadapt_tightens_its_limit_until_the_network_meets_the_budget_as_measured(setup, tmp_path, monkeypatch) -> None:
+    """A clock 10 % slower than the table predicts: the network that meets 85 % of dense as
+    predicted measures over it; NetAdapt tightens its internal limit by the overshoot and goes on
+    until the network it ends with measures within the budget."""
     ev, table = setup
-    limit = 0.8
+    limit = 0.85
+    dense_ms = CLOCK.network_ms(ev.pruner.model, 32)
+
+    def slow_clock(ctx, model) -> float:  # type: ignore[no-untyped-def]
+        return 1.1 * CLOCK.network_ms(model, 32) / dense_ms
+
+    monkeypatch.setattr(netadapt, "measured_share", slow_clock)
     ctx = SearchContext(ev, {"latency": limit}, SearchLimits(max_evaluations=400), seed=0, agent="netadapt", state_dir=tmp_path)
-    result = create_agent("netadapt", initial_reduction=0.06, decay=0.96, short_steps=2).search(ctx)
-    assert result.info["final_within_budget"] and result.best.metrics["latency_ratio"] <= limit
+    result = create_agent("netadapt", initial_reduction=0.1, decay=0.96, short_steps=1).search(ctx)
+    checks = [h for h in result.info["history"] if "check" in h]
+    assert result.info["latency_checks"] == len(checks) == 2
+    assert checks[0]["measured_latency"] > limit * 1.01 and checks[1]["measured_latency"] <= limit * 1.01
+    assert slow_clock(ctx, result.model) <= limit * 1.01  # the network NetAdapt ends with, as measured
+    assert result.best.metrics["latency_ratio"] <= limit / 1.1 * (1 + 1e-6)  # = predicted, under the tightened limit
+    assert result.info["final_within_budget"]
     # each iteration's chosen proposal met that iteration's predicted-latency target
     chosen = {}
     for t in ctx.recorder.existing():
@@ -38,16 +64,11 @@ def test_netadapt_meets_a_latency_budget_as_measured(setup, tmp_path) -> None:
         assert t.metrics["latency_ratio"] <= t.extra["target"] + 1e-9
         assert t.metrics["latency_ratio"] < previous
         previous = t.metrics["latency_ratio"]
-    # as measured, interleaved with the dense model, median of three runs (one noisy run cannot decide)
-    final = result.model
-    dense, pruned = measure_pair(ev.pruner.model, final, 32, batch_size=1, threads=2, warmup=10, repeats=200)
-    assert result.info["latency_checks"] >= 1  # the prediction was checked against a measurement
-    assert pruned.median_ms / dense.median_ms <= limit * 1.07
 
 
 def test_netadapt_resumes_without_redoing_recorded_proposals(setup, tmp_path) -> None:
     ev, _ = setup
-    limits = {"flops": 0.8}
+    limits = {"flops": 0.9}  # a few iterations (0.8 took twice as many)
     mapped: list[int] = []
 
     def counting_map(fn, shared, items):  # the service passes a Ray map here
@@ -72,7 +93,7 @@ def test_netadapt_resumes_without_redoing_recorded_proposals(setup, tmp_path) ->
     steps = [t.step for t in rec.trials]
     assert steps == list(range(len(steps)))  # no gaps, no step twice
     assert mapped[0] == second - 4  # the resumed iteration only trains the proposals it had not recorded
-    assert result.best.metrics["macs_ratio"] <= 0.8
+    assert result.best.metrics["macs_ratio"] <= limits["flops"]
     iterations = [t.extra["iteration"] for t in rec.trials]
     assert iterations == sorted(iterations) and iterations.count(1) == second
 
@@ -134,18 +155,36 @@ def test_latency_check_keeps_the_fastest_when_nothing_gets_within(searched) -> N
     assert len(info["checks"]) <= 6 and sum(t.kind == "latency-check" for t in ctx.trials()) <= 3
 
 
-def test_latency_check_with_the_real_clock(searched) -> None:
+def test_latency_check_times_with_measured_share_by_default(searched, monkeypatch) -> None:
+    """Without a ``measure``, every network is timed by ``measured_share`` (interleaved with the
+    dense model at the table's batch size); here a stand-in that records its calls."""
     ctx, result = searched
+    timed = []
+
+    def share(c, model) -> float:  # type: ignore[no-untyped-def]
+        timed.append((c, _trial_of(ctx, model).step))
+        return 0.5
+
+    monkeypatch.setattr(latency_check, "measured_share", share)
     searched_best = result.best.step
     checked = check_measured_latency(ctx, result)
     info = checked.info["latency_check"]
-    checks = info["checks"]
-    assert checks[0]["step"] == searched_best == info["searched_best_step"]
-    if info["within_budget_measured"]:
-        assert checks[-1]["step"] == checked.best.step and checks[-1]["measured_latency"] <= 0.8
-        assert all(c["measured_latency"] > 0.8 for c in checks[:-1])
-    else:
-        assert checked.best.step == min(checks, key=lambda c: c["measured_latency"])["step"]
+    assert timed == [(ctx, searched_best)] and info["checks"][0]["measured_latency"] == 0.5
+    assert checked.best.step == searched_best and info["within_budget_measured"]
+
+
+def test_measured_share_with_the_real_clock(setup) -> None:
+    """The real clock, asserting only what load cannot change. ``measured_share`` times a network
+    interleaved with the dense model (three rounds, median ratio), so load slows both alike: the
+    dense network against itself comes out within [0.8, 1.25], and one with about a tenth of the
+    MACs (every layer at 70 %) under 0.8 of dense (about 0.3 on an idle machine)."""
+    ev, _ = setup
+    ctx = SearchContext(ev, {"flops": 0.5}, SearchLimits(max_evaluations=1), seed=0, agent="check")
+    same = measured_share(ctx, copy.deepcopy(ev.pruner.model))
+    assert 0.8 <= same <= 1.25
+    small = ev.pruner.prune_kept(ev.pruner.kept_from_vector(np.full(len(ev.pruner.layers), 0.7))).model
+    assert ev.resources(ev.pruner.kept_from_vector(np.full(len(ev.pruner.layers), 0.7)))["flops"] < 0.15
+    assert measured_share(ctx, small) < 0.8
 
 
 def test_latency_check_leaves_other_budgets_alone(setup) -> None:

@@ -7,25 +7,55 @@ import json
 import zipfile
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile, status
+from fastapi import APIRouter, File, Form, Path, Query, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import ValidationError
 
 from prunepilot.compression import export_format
 
+from ..db.lifecycle import JobStatus
 from ..jobs import InvalidJob, UploadedFile
-from ..schemas import ErrorBody, JobAccepted, JobCreate, JobPublic, Page, TrialPublic
+from ..schemas import JobAccepted, JobCreate, JobPublic, Page, TrialPublic
 from .deps import JobsDep, PrincipalDep, owner_of
+from .errors import AUTHED, responses
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-ERRORS = {401: {"model": ErrorBody}, 404: {"model": ErrorBody}, 409: {"model": ErrorBody}, 422: {"model": ErrorBody}}
+ERRORS = responses(*AUTHED, 404)
+
+# Identifiers and filters are checked here, before they reach SQL: PostgreSQL refuses a NUL in text with
+# an error, and an id that cannot exist needs no lookup. Job ids are uuid4().hex.
+JobId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="the job's id: 32 lowercase hex digits")]
+Filter = Annotated[str | None, Query(pattern=r"^[\w.:-]{1,64}$")]
+
+
+# A real spec nests four levels deep (budget.constraints[0].ratio); agent options add a few. Deeper input
+# only costs recursion: past the interpreter's limit the parser (or a later json.dumps) raises RecursionError.
+MAX_SPEC_DEPTH = 32
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(node, dict):
+            stack.extend((v, level + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, level + 1) for v in node)
+    return deepest
 
 
 def _parse_spec(raw: str) -> JobCreate:
+    too_deep = InvalidJob(f"spec is nested more than {MAX_SPEC_DEPTH} levels deep")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise InvalidJob(f"spec is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise too_deep from None
+    if _depth(data) > MAX_SPEC_DEPTH:
+        raise too_deep
     try:
         return JobCreate.model_validate(data)
     except ValidationError as exc:
@@ -34,7 +64,7 @@ def _parse_spec(raw: str) -> JobCreate:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
-             responses={**ERRORS, 413: {"model": ErrorBody}},
+             responses=responses(*AUTHED, 400, 413),
              summary="Submit a pruning job",
              description="Multipart form: `spec` (JSON, see JobCreate), `weights` (state dict or safetensors), "
                          "optional `dataset` (ImageFolder zip, with spec.dataset = 'upload'). Answers 202 with the job's links.")
@@ -55,43 +85,43 @@ def submit_job(
 @router.get("", response_model=Page[JobPublic], responses=ERRORS, summary="List your jobs")
 def list_jobs(
     jobs: JobsDep, principal: PrincipalDep,
-    status_: Annotated[Literal["queued", "running", "finetuning", "succeeded", "failed", "cancelled"] | None, Query(alias="status")] = None,
-    agent: str | None = None, problem_key: str | None = None,
-    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0)] = 0,
+    status_: Annotated[JobStatus | None, Query(alias="status")] = None,
+    agent: Filter = None, problem_key: Filter = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
 ) -> Page[JobPublic]:
-    items, total = jobs.list(owner_of(principal), status_, agent, problem_key, limit, offset)
+    items, total = jobs.list_jobs(owner_of(principal), status_, agent, problem_key, limit, offset)
     return Page[JobPublic](items=items, total=total, limit=limit, offset=offset)
 
 
 @router.get("/{job_id}", response_model=JobPublic, responses=ERRORS, summary="Status, progress, best so far, timings, error")
-def get_job(job_id: str, jobs: JobsDep, principal: PrincipalDep) -> JobPublic:
+def get_job(job_id: JobId, jobs: JobsDep, principal: PrincipalDep) -> JobPublic:
     return jobs.get(owner_of(principal), job_id)
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses=ERRORS, summary="Cancel a job")
-def cancel_job(job_id: str, jobs: JobsDep, principal: PrincipalDep) -> JobPublic:
+@router.post("/{job_id}/cancel", response_model=JobPublic, status_code=202, responses={**ERRORS, **responses(409)}, summary="Cancel a job")
+def cancel_job(job_id: JobId, jobs: JobsDep, principal: PrincipalDep) -> JobPublic:
     return jobs.cancel(owner_of(principal), job_id)
 
 
 @router.get("/{job_id}/trials", response_model=Page[TrialPublic], responses=ERRORS, summary="The job's trials, in order")
 def list_trials(
-    job_id: str, jobs: JobsDep, principal: PrincipalDep,
-    limit: Annotated[int, Query(ge=1, le=5000)] = 100, offset: Annotated[int, Query(ge=0)] = 0, kind: str | None = None,
+    job_id: JobId, jobs: JobsDep, principal: PrincipalDep,
+    limit: Annotated[int, Query(ge=1, le=5000)] = 100, offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0, kind: Filter = None,
 ) -> Page[TrialPublic]:
     items, total = jobs.trials(owner_of(principal), job_id, limit, offset, kind)
     return Page[TrialPublic](items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}/report", responses=ERRORS, summary="Final report: dense vs pruned, measured")
-def get_report(job_id: str, jobs: JobsDep, principal: PrincipalDep) -> dict:
+@router.get("/{job_id}/report", responses={**ERRORS, **responses(409)}, summary="Final report: dense vs pruned, measured")
+def get_report(job_id: JobId, jobs: JobsDep, principal: PrincipalDep) -> dict:
     return jobs.report(owner_of(principal), job_id)
 
 
-@router.get("/{job_id}/model", responses={**ERRORS, 200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+@router.get("/{job_id}/model", responses={**ERRORS, **responses(409), 200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
             summary="Download the pruned model",
             description="`state_dict`: a zip of model.safetensors + spec.json + report.json (rebuild with "
                         "prunepilot.compression.load_artifact); `pt2`: a torch.export program; `onnx`: an ONNX model.")
-def get_model(job_id: str, jobs: JobsDep, principal: PrincipalDep,
+def get_model(job_id: JobId, jobs: JobsDep, principal: PrincipalDep,
               format: Literal["state_dict", "pt2", "onnx"] = "state_dict") -> Response:  # noqa: A002 - the public query name
     path = jobs.model_dir(owner_of(principal), job_id)
     if format == "state_dict":

@@ -11,21 +11,22 @@ from prunepilot.compression import architectures
 from ..db.engine import read_scope
 from ..schemas import AgentPublic, ArchPublic, Health
 from .deps import PrincipalDep
+from .errors import responses
 
 router = APIRouter(tags=["meta"])
 
 
-@router.get("/v1/models", response_model=list[ArchPublic], summary="Architectures in the zoo")
+@router.get("/v1/models", response_model=list[ArchPublic], responses=responses(401, 503), summary="Architectures in the zoo")
 def list_models(principal: PrincipalDep) -> list[ArchPublic]:
     return [ArchPublic(**a.__dict__) for a in architectures()]
 
 
-@router.get("/v1/agents", response_model=list[AgentPublic], summary="Search agents")
+@router.get("/v1/agents", response_model=list[AgentPublic], responses=responses(401, 503), summary="Search agents")
 def list_agents(principal: PrincipalDep) -> list[AgentPublic]:
     return [AgentPublic(**a) for a in describe_agents()]
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness: database and Ray reachable")
+@router.get("/healthz", response_model=Health, responses=responses(503), summary="Liveness: database and Ray reachable")
 def health(request: Request) -> Health:
     from sqlalchemy import text
 

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import overload
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -32,7 +33,7 @@ def normalize_url(url: str) -> str:
     return url
 
 
-def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets the API read while workers write; busy_timeout makes writers queue instead of failing.
     cur.execute("PRAGMA journal_mode=WAL")
@@ -98,6 +99,10 @@ def session_scope(url: str) -> Iterator[Session]:
         session.close()
 
 
+@overload
+def as_utc(dt: datetime) -> datetime: ...
+@overload
+def as_utc(dt: None) -> None: ...
 def as_utc(dt: datetime | None) -> datetime | None:
     """SQLite returns naive datetimes; everything we store is UTC."""
     if dt is None:

@@ -25,7 +25,7 @@ def _optuna_tables() -> set[str]:
 OPTUNA_TABLES = _optuna_tables()
 
 
-def include_object(obj, name, type_, reflected, compare_to) -> bool:  # type: ignore[no-untyped-def]
+def include_object(obj, name, type_, reflected, compare_to) -> bool:
     """Autogenerate must neither create nor drop Optuna's tables (they share the database)."""
     if type_ == "table":
         return name not in OPTUNA_TABLES and name != VERSION_TABLE
@@ -34,13 +34,11 @@ def include_object(obj, name, type_, reflected, compare_to) -> bool:  # type: ig
 
 
 def script_location() -> Path:
-    """alembic/ ships as ``prunepilot/migrations`` in a wheel; a source checkout uses the folder."""
+    """alembic/, installed as ``prunepilot/migrations``: in a wheel a copy, in a source checkout
+    (editable install) the symlink src/prunepilot/migrations -> ../../alembic."""
     import prunepilot
 
-    installed = Path(prunepilot.__file__).parent / "migrations"
-    if (installed / "env.py").is_file():
-        return installed
-    return Path(__file__).resolve().parents[2] / "alembic"
+    return Path(prunepilot.__file__).parent / "migrations"
 
 
 def alembic_config(url: str) -> Config:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, Insert, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from prunepilot.agents import TrialRecord
 
+from .lifecycle import ACTIVE, IN_WORKER, JobStatus, sources
 from .models import ApiKey, Artifact, Job, LatencyEntry, Trial, Upload, utcnow
 
 # ------------------------------------------------------------------ jobs
@@ -21,7 +22,7 @@ from .models import ApiKey, Artifact, Job, LatencyEntry, Trial, Upload, utcnow
 def create_job(session: Session, *, job_id: str, agent: str, arch: str, dataset: str, problem: dict[str, Any],
                problem_key: str, owner_id: int | None = None) -> Job:
     job = Job(id=job_id, owner_id=owner_id, agent=agent, arch=arch, dataset=dataset, problem=problem, problem_key=problem_key,
-              status="queued", created_at=utcnow(), updated_at=utcnow())
+              status=str(JobStatus.QUEUED), created_at=utcnow(), updated_at=utcnow())
     session.add(job)
     session.flush()
     return job
@@ -52,23 +53,79 @@ def list_jobs(session: Session, *, owner_id: int | None = None, status: str | No
     return list(rows), int(total)
 
 
-def jobs_in_states(session: Session, *, states: Sequence[str]) -> list[Job]:
-    return list(session.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.created_at)).all())
-
-
-def update_job(session: Session, *, job_id: str, **values: Any) -> None:
+def update_job_progress(session: Session, *, job_id: str, **values: Any) -> None:
+    """Progress, heartbeat and other fields that are not the status (the status moves by move_job)."""
+    if "status" in values:
+        raise ValueError("a job's status changes only through move_job")
     values.setdefault("updated_at", utcnow())
     session.execute(update(Job).where(Job.id == job_id).values(**values))
 
 
-def claim_job(session: Session, *, job_id: str, worker_id: str, from_states: Sequence[str]) -> bool:
-    """Atomically move a job to running for one worker; False if someone else got it first."""
-    res = session.execute(
-        update(Job).where(Job.id == job_id, Job.status.in_(from_states))
-        .values(status="running", worker_id=worker_id, heartbeat_at=utcnow(), attempts=Job.attempts + 1,
-                started_at=func.coalesce(Job.started_at, utcnow()), updated_at=utcnow())
-    )
-    return res.rowcount == 1
+def move_job(session: Session, *, job_id: str, to: JobStatus, allowed_from: frozenset[JobStatus] | None = None,
+             extra_where: Sequence[Any] = (), **values: Any) -> bool:
+    """The one place a job's status changes: a conditional UPDATE from the states the move is legal
+    from (narrowed by ``allowed_from``); False when the job was not in one of them (someone else
+    moved it first)."""
+    stmt = (update(Job).where(Job.id == job_id, Job.status.in_([str(s) for s in sources(to, allowed_from)]), *extra_where)
+            .values(status=str(to), updated_at=utcnow(), **values))
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount == 1  # DML: a cursor result
+
+
+def claim_job(session: Session, *, job_id: str, worker_id: str) -> bool:
+    """Atomically move a queued job to running for one worker; False if someone else got it first."""
+    return move_job(session, job_id=job_id, to=JobStatus.RUNNING, allowed_from=frozenset({JobStatus.QUEUED}), worker_id=worker_id, heartbeat_at=utcnow(),
+                    attempts=Job.attempts + 1, started_at=func.coalesce(Job.started_at, utcnow()))
+
+
+def finish_job(session: Session, *, job_id: str, status: JobStatus, worker_id: str | None = None, **values: Any) -> bool:
+    """A worker ends its job (succeeded, failed, cancelled). With ``worker_id``, only the worker that
+    holds the job may: a worker the dispatcher gave up on cannot overwrite its successor's result."""
+    where = [Job.worker_id == worker_id] if worker_id is not None else []
+    return move_job(session, job_id=job_id, to=status, allowed_from=IN_WORKER, extra_where=where, finished_at=utcnow(), **values)
+
+
+def request_cancel(session: Session, *, job_id: str) -> JobStatus | None:
+    """Cancel a queued job at once, or flag an active one for its worker; None if it had already ended."""
+    if move_job(session, job_id=job_id, to=JobStatus.CANCELLED, allowed_from=frozenset({JobStatus.QUEUED}),
+                cancel_requested=True, finished_at=utcnow(), error="cancelled before it started"):
+        return JobStatus.CANCELLED
+    res = cast(CursorResult[Any], session.execute(update(Job).where(Job.id == job_id, Job.status.in_([str(s) for s in IN_WORKER]))
+                                                  .values(cancel_requested=True, updated_at=utcnow())))
+    if res.rowcount == 1:
+        return JobStatus.RUNNING
+    return None
+
+
+def requeue_or_fail(session: Session, *, job_id: str, reason: str, max_attempts: int, refund: bool = False) -> JobStatus | None:
+    """A job whose worker is gone: cancelled if that was asked for, re-queued while attempts remain,
+    else failed. ``refund``: the run was interrupted by a shutdown, not lost, so it does not count as
+    an attempt. Each branch is one conditional update; None if the job was no longer in a worker."""
+    if move_job(session, job_id=job_id, to=JobStatus.CANCELLED, allowed_from=IN_WORKER,
+                extra_where=[Job.cancel_requested.is_(True)], finished_at=utcnow(), error="cancelled", worker_id=None):
+        return JobStatus.CANCELLED
+    attempts = Job.attempts - 1 if refund else Job.attempts
+    if move_job(session, job_id=job_id, to=JobStatus.QUEUED, allowed_from=IN_WORKER,
+                extra_where=[attempts < max_attempts], worker_id=None, attempts=attempts):
+        return JobStatus.QUEUED
+    job = session.get(Job, job_id)
+    n = job.attempts if job is not None else max_attempts
+    if move_job(session, job_id=job_id, to=JobStatus.FAILED, allowed_from=IN_WORKER, finished_at=utcnow(), worker_id=None,
+                error=f"{reason}; gave up after {n} attempts"):
+        return JobStatus.FAILED
+    return None
+
+
+def cancel_requested(session: Session, *, job_id: str) -> bool:
+    """True if the job's cancellation was asked for, or the job is gone."""
+    flag = session.scalar(select(Job.cancel_requested).where(Job.id == job_id))
+    return flag is None or bool(flag)
+
+
+def active_jobs(session: Session) -> list[tuple[str, JobStatus, datetime | None, bool]]:
+    """(id, status, heartbeat, cancel requested) of every job not yet ended, oldest first."""
+    rows = session.execute(select(Job.id, Job.status, Job.heartbeat_at, Job.cancel_requested)
+                           .where(Job.status.in_([str(s) for s in ACTIVE])).order_by(Job.created_at)).all()
+    return [(r[0], JobStatus(r[1]), r[2], bool(r[3])) for r in rows]
 
 
 # ------------------------------------------------------------------ trials
@@ -88,6 +145,7 @@ def record_trial(session: Session, *, job_id: str, trial: TrialRecord) -> bool:
     """Insert a trial; a step recorded before is kept as it was (idempotent retry). True if inserted."""
     row = _trial_row(job_id, trial)
     dialect = session.get_bind().dialect.name
+    stmt: Insert
     if dialect == "sqlite":
         stmt = sqlite_insert(Trial).values(**row).on_conflict_do_nothing(index_elements=["job_id", "step"])
     elif dialect == "postgresql":
@@ -171,7 +229,7 @@ def put_latency_entries(session: Session, *, device: str, entries: dict[str, tup
     dialect = session.get_bind().dialect.name
     ins = sqlite_insert if dialect == "sqlite" else pg_insert
     stmt = ins(LatencyEntry).values(rows).on_conflict_do_nothing(index_elements=["device", "signature"])
-    return session.execute(stmt).rowcount or 0
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount or 0
 
 
 # ------------------------------------------------------------------ API keys
@@ -193,6 +251,7 @@ def list_api_keys(session: Session) -> list[ApiKey]:
 
 
 def revoke_api_key(session: Session, *, key_id: int, when: datetime | None = None) -> bool:
-    res = session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None)).values(revoked_at=when or utcnow()))
+    res = cast(CursorResult[Any], session.execute(update(ApiKey).where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+                                                  .values(revoked_at=when or utcnow())))
     return res.rowcount == 1
 

@@ -9,10 +9,20 @@ const BUDGET_RESOURCE = { macs_ratio: "flops", size_ratio: "size", params_ratio:
 
 // ------------------------------------------------------------------ auth & fetch
 
+// The key is kept in this tab's sessionStorage, not localStorage: it is not persisted past the tab.
+// A key an earlier version left in localStorage is dropped.
+const KEY_ITEM = "prunepilot-key";
+
 function readKey() {
+  localStorage.removeItem(KEY_ITEM);
   const m = location.hash.match(/key=([^&]+)/);
-  if (m) { localStorage.setItem("prunepilot-key", decodeURIComponent(m[1])); }
-  return localStorage.getItem("prunepilot-key");
+  if (m) {
+    sessionStorage.setItem(KEY_ITEM, decodeURIComponent(m[1]));
+    // out of the address bar and the history; the rest of the fragment (job=...) stays
+    const rest = location.hash.slice(1).split("&").filter((part) => !part.startsWith("key=")).join("&");
+    history.replaceState(null, "", location.pathname + location.search + (rest ? "#" + rest : ""));
+  }
+  return sessionStorage.getItem(KEY_ITEM);
 }
 
 async function api(path) {
@@ -31,7 +41,7 @@ function askKey() {
 document.getElementById("keyform").addEventListener("submit", (e) => {
   e.preventDefault();
   state.key = document.getElementById("keyinput").value.trim();
-  localStorage.setItem("prunepilot-key", state.key);
+  sessionStorage.setItem(KEY_ITEM, state.key);
   document.getElementById("keyform").hidden = true;
   refreshJobs();
 });
@@ -45,29 +55,42 @@ function finalAcc(job) {
   return f ? pct(f.accuracy) : "";
 }
 
-function renderJobs() {
-  const body = document.querySelector("#jobs tbody");
-  document.getElementById("jobs-empty").hidden = state.jobs.length > 0;
-  document.getElementById("jobs").hidden = state.jobs.length === 0;
-  body.innerHTML = "";
-  for (const job of state.jobs) {
-    const tr = document.createElement("tr");
-    tr.dataset.job = job.id;
-    if (state.problem === job.problem_key) tr.classList.add("selected");
-    const progress = 0.8 * job.progress + 0.2 * job.finetune_progress;
-    tr.innerHTML = `<td title="${job.id}">${job.name || job.id.slice(0, 8)}</td>
-      <td><span class="status ${job.status}">${job.status}</span>${job.error ? `<div class="error">${escapeHtml(job.error)}</div>` : ""}</td>
-      <td>${job.agent}</td><td>${job.arch}</td><td>${job.budget}</td><td>${pct(job.best_accuracy)}</td><td>${finalAcc(job)}</td>
-      <td><span class="bar"><span style="width:${(100 * progress).toFixed(0)}%"></span></span>
-          <span class="progress-text">${(100 * progress).toFixed(0)}% · ${job.evaluations} evals</span></td>
-      <td>${new Date(job.created_at + (job.created_at.endsWith("Z") ? "" : "Z")).toLocaleString()}</td>`;
-    tr.addEventListener("click", () => selectProblem(job.problem_key));
-    body.appendChild(tr);
-  }
+// Every value shown comes from the API and much of it from users (job name, error, arch, data set,
+// layer names): the page is built from elements and text nodes only, never from markup strings.
+function el(tag, props, ...children) {
+  const node = Object.assign(document.createElement(tag), props || {});
+  node.append(...children.filter((c) => c != null).map((c) => (c instanceof Node ? c : String(c))));
+  return node;
 }
 
-function escapeHtml(s) {
-  return s.replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
+// Plotly draws labels through its own small HTML subset (links, bold, ...): escaped, a user's string
+// is shown as written rather than interpreted.
+function plotlyText(s) {
+  return String(s).replace(/[&<>]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;" }[c]));
+}
+
+function jobRow(job) {
+  const progress = 0.8 * job.progress + 0.2 * job.finetune_progress;
+  const fill = el("span");
+  fill.style.width = `${(100 * progress).toFixed(0)}%`;
+  const created = new Date(job.created_at + (job.created_at.endsWith("Z") ? "" : "Z")).toLocaleString();
+  const tr = el("tr", {},
+    el("td", { title: job.id }, job.name || job.id.slice(0, 8)),
+    el("td", {}, el("span", { className: `status ${job.status}` }, job.status), job.error ? el("div", { className: "error" }, job.error) : null),
+    el("td", {}, job.agent), el("td", {}, job.arch), el("td", {}, job.budget), el("td", {}, pct(job.best_accuracy)), el("td", {}, finalAcc(job)),
+    el("td", {}, el("span", { className: "bar" }, fill), " ",
+      el("span", { className: "progress-text" }, `${(100 * progress).toFixed(0)}% · ${job.evaluations} evals`)),
+    el("td", {}, created));
+  tr.dataset.job = job.id;
+  if (state.problem === job.problem_key) tr.classList.add("selected");
+  tr.addEventListener("click", () => selectProblem(job.problem_key));
+  return tr;
+}
+
+function renderJobs() {
+  document.getElementById("jobs-empty").hidden = state.jobs.length > 0;
+  document.getElementById("jobs").hidden = state.jobs.length === 0;
+  document.querySelector("#jobs tbody").replaceChildren(...state.jobs.map(jobRow));
 }
 
 async function refreshJobs() {
@@ -129,7 +152,7 @@ function renderCharts() {
   const scatter = [], evals = [], time = [], bars = [], sens = [];
   jobs.forEach((job, i) => {
     const color = COLORS[i % COLORS.length];
-    const name = `${job.agent}${jobs.filter((j) => j.agent === job.agent).length > 1 ? " " + job.id.slice(0, 6) : ""}`;
+    const name = plotlyText(`${job.agent}${jobs.filter((j) => j.agent === job.agent).length > 1 ? " " + job.id.slice(0, 6) : ""}`);
     const all = trialsOf(job).filter((t) => t.kind !== "sensitivity" && (!feasibleOnly || t.feasible));
     scatter.push({ type: "scatter", mode: "markers", name, x: all.map((t) => t[x]), y: all.map((t) => t.accuracy),
       marker: { color, size: 6, opacity: 0.65 }, legendgroup: name, meta: { role: "trials", agent: job.agent, job: job.id },
@@ -149,11 +172,11 @@ function renderCharts() {
     time.push({ type: "scatter", mode: "lines+markers", name, x: times, y: bt, line: { color, shape: "hv" }, marker: { size: 4 } });
     const strat = d.best_strategy[job.id];
     if (strat) {
-      bars.push({ type: "bar", name, x: Object.keys(strat), y: Object.values(strat), marker: { color } });
+      bars.push({ type: "bar", name, x: Object.keys(strat).map(plotlyText), y: Object.values(strat), marker: { color } });
     }
     for (const [layer, pts] of Object.entries(groupBy(d.sensitivity[job.id] || [], "layer"))) {
       pts.sort((a, b) => a.ratio - b.ratio);
-      sens.push({ type: "scatter", mode: "lines+markers", name: layer, x: pts.map((p) => p.ratio), y: pts.map((p) => p.accuracy) });
+      sens.push({ type: "scatter", mode: "lines+markers", name: plotlyText(layer), x: pts.map((p) => p.ratio), y: pts.map((p) => p.accuracy) });
     }
   });
   const shapes = [];
@@ -184,19 +207,18 @@ function groupBy(items, key) {
 }
 
 function renderFinals(jobs) {
-  const body = document.querySelector("#finals tbody");
-  body.innerHTML = "";
+  const rows = [];
   for (const job of jobs) {
     const r = job.result;
     if (!r || !r.figures) { continue; }
     const p = r.figures.pruned, dn = r.figures.dense_finetuned || r.figures.dense;
     const b1 = p.latency_ms["1"];
-    const tr = document.createElement("tr");
-    tr.innerHTML = `<td>${job.agent}</td><td>${job.id.slice(0, 8)}</td><td>${pct(p.accuracy)}</td><td>${pct(dn.accuracy)}</td>
-      <td>${(100 * r.accuracy_drop).toFixed(2)}</td><td>${pct(r.macs_ratio)}</td><td>${pct(r.params_ratio)}</td><td>${pct(r.size_ratio)}</td>
-      <td>${b1 != null ? b1.toFixed(2) + " ms" : ""}</td><td>${r.latency_speedup["1"] ? r.latency_speedup["1"].toFixed(2) + "x" : ""}</td>`;
-    body.appendChild(tr);
+    const cells = [job.agent, job.id.slice(0, 8), pct(p.accuracy), pct(dn.accuracy), (100 * r.accuracy_drop).toFixed(2),
+      pct(r.macs_ratio), pct(r.params_ratio), pct(r.size_ratio), b1 != null ? b1.toFixed(2) + " ms" : "",
+      r.latency_speedup["1"] ? r.latency_speedup["1"].toFixed(2) + "x" : ""];
+    rows.push(el("tr", {}, ...cells.map((c) => el("td", {}, c))));
   }
+  document.querySelector("#finals tbody").replaceChildren(...rows);
 }
 
 async function download(format) {

@@ -1,0 +1,162 @@
+"""The one job pipeline: prepare -> search -> measured check -> finalize -> report.
+
+The service's worker, the CLI and the comparison benchmark all run a job through these phases and
+add only their wiring (an SQL recorder and Ray map, a progress bar, result files) through
+:class:`PipelineHooks`. A change to the flow (as the measured latency check was) is made here once.
+
+    prepared = prepare(pruner, splits, config, hooks)     # latency table, evaluator, ratio limits
+    outcome = search(prepared, config, hooks)             # the agent, then the measured latency check
+    final = finish(prepared, outcome, config, hooks)      # fine-tune, measure, report
+
+or all three at once with :func:`run_pipeline`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prunepilot.compression import Budget, DataSplits, Evaluator, Fidelity, FinetuneConfig, PrunePilotError, Pruner, finalize
+from prunepilot.compression.finalize import FinalResult
+from prunepilot.compression.latency import LatencyStore, LatencyTable
+
+from ._base import MemoryRecorder, SearchContext, SearchEnv, SearchLimits, SearchResult, TrialRecord, TrialRecorder
+from .latency_check import check_measured_latency
+from .registry import create_agent
+
+StepHook = Callable[[int, int, float], Any]
+
+
+@dataclass(frozen=True)
+class FinalConfig:
+    """The last phase: fine-tune the chosen network (and optionally the dense one), measure both."""
+
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune_dense: bool = False
+    test_images: int | None = None
+    latency_batches: tuple[int, ...] = (1, 64)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """A job, parsed: every field typed, every default set once (by the engine configs)."""
+
+    agent: str
+    budget: Budget
+    agent_options: Mapping[str, Any] = field(default_factory=dict)
+    search: SearchLimits = field(default_factory=SearchLimits)
+    fidelity: Fidelity = field(default_factory=Fidelity)
+    final: FinalConfig = field(default_factory=FinalConfig)
+    seed: int = 0
+
+
+@dataclass
+class PipelineHooks:
+    """What the caller wires in; every hook is optional.
+
+    ``recorder`` keeps the trials (SQL rows, a JSONL file, a list); ``env`` is the host's search
+    environment (Ray map, Optuna storage); ``latency_store`` keeps the latency table's entries;
+    ``latency_table`` is a table the caller built itself (the benchmark keeps its calibration with
+    its results); ``should_stop`` is polled while a table is built; ``on_search_done`` runs between
+    the search and fine-tuning (the worker moves the job to 'finetuning' there); ``on_finetune_step``
+    sees every fine-tune step and may raise to cancel."""
+
+    recorder: TrialRecorder | None = None
+    env: SearchEnv = field(default_factory=SearchEnv)
+    state_dir: Path | None = None
+    threads: int | None = None
+    latency_store: LatencyStore | None = None
+    latency_table: LatencyTable | None = None
+    should_stop: Callable[[], bool] | None = None
+    on_trial: Callable[[TrialRecord], None] | None = None
+    on_search_done: Callable[[SearchResult], None] | None = None
+    on_finetune_step: StepHook | None = None
+
+
+@dataclass
+class Prepared:
+    pruner: Pruner
+    splits: DataSplits
+    evaluator: Evaluator
+    limits: dict[str, float]
+    table: LatencyTable | None
+
+
+@dataclass
+class JobResult:
+    search: SearchResult
+    final: FinalResult
+    report: dict[str, Any]
+
+
+def _threads(hooks: PipelineHooks) -> int:
+    return hooks.threads or torch.get_num_threads()
+
+
+def prepare(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: PipelineHooks) -> Prepared:
+    """Latency table (for a latency budget), the evaluator and the budget as ratios of dense."""
+    table = hooks.latency_table
+    latency = config.budget.get("latency")
+    if latency is not None and table is None:
+        if hooks.latency_store is None:
+            raise PrunePilotError("a latency budget needs a latency store for its lookup table")
+        table = LatencyTable(pruner.graph, pruner.model, hooks.latency_store, latency.batch_size, _threads(hooks))
+        table.build(should_stop=hooks.should_stop)
+        table.calibrate()
+    evaluator = Evaluator(pruner, splits, config.fidelity, latency_model=table)
+    g = pruner.graph
+    dense = {"flops": float(g.dense_macs), "params": float(g.dense_params), "size": float(evaluator.dense_size),
+             "latency": table.dense_ms if table is not None else None}
+    return Prepared(pruner, splits, evaluator, config.budget.ratio_limits(dense), table)
+
+
+def search(prepared: Prepared, config: PipelineConfig, hooks: PipelineHooks, agent_name: str | None = None) -> tuple[SearchContext, SearchResult]:
+    """Run the agent, then hold a latency budget to measurement (``check_measured_latency``).
+    ``agent_name`` labels the trials when it differs from the agent (a benchmark's named variant)."""
+    ctx = SearchContext(prepared.evaluator, prepared.limits, config.search, hooks.recorder or MemoryRecorder(), seed=config.seed,
+                        agent=agent_name or config.agent, state_dir=hooks.state_dir, env=hooks.env, on_trial=hooks.on_trial)
+    result = create_agent(config.agent, **dict(config.agent_options)).search(ctx)
+    if result.best is None:
+        raise PrunePilotError("the search found no strategy within the budget")
+    return ctx, check_measured_latency(ctx, result)
+
+
+def finish(pruner: Pruner, splits: DataSplits, strategy: Mapping[str, float], config: FinalConfig, hooks: PipelineHooks,
+           initial_model: torch.nn.Module | None = None) -> FinalResult:
+    """Prune with ``strategy`` (or start from ``initial_model``), fine-tune, measure against dense.
+    Also the whole of ``prunepilot prune``, whose strategy is given instead of searched."""
+    return finalize(pruner, splits, strategy, config.finetune, finetune_dense=config.finetune_dense,
+                    test_images=config.test_images, latency_batches=config.latency_batches, threads=_threads(hooks),
+                    on_step=hooks.on_finetune_step, initial_model=initial_model)
+
+
+def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, final: FinalResult, arch: str) -> dict[str, Any]:
+    best = result.best
+    assert best is not None
+    out: dict[str, Any] = {
+        "arch": arch, "agent": config.agent, "budget": config.budget.describe(), "limits": prepared.limits,
+        "search": {"evaluations": result.trials, "seconds": result.seconds, "best_step": best.step,
+                   "best_search_accuracy": best.accuracy, "fidelity": config.fidelity.tag,
+                   "pareto_steps": [t.step for t in result.pareto],
+                   **({"latency_check": result.info["latency_check"]} if "latency_check" in result.info else {})},
+        "decode_failures": [f.__dict__ for f in prepared.splits.failures][:100],
+        **final.report(),
+    }
+    if prepared.table is not None:
+        out["latency_table"] = prepared.table.summary()
+    return out
+
+
+def run_pipeline(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: PipelineHooks, arch: str) -> JobResult:
+    """The whole job: prepare, search with the measured check, fine-tune and measure, report."""
+    prepared = prepare(pruner, splits, config, hooks)
+    _, result = search(prepared, config, hooks)
+    if hooks.on_search_done is not None:
+        hooks.on_search_done(result)
+    assert result.best is not None
+    final = finish(pruner, splits, result.best.strategy, config.final, hooks, initial_model=result.model)
+    return JobResult(result, final, report(prepared, config, result, final, arch))

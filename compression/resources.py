@@ -1,0 +1,79 @@
+"""The budget contract: which resources a budget may limit, where each one's usage is found in a
+candidate's metrics, the one feasibility rule, and the one model of size on disk.
+
+Agents, the Gymnasium environment, the budget checker and the API's submission check all ask
+these questions; they ask here, so a change (a new resource, another tolerance) is made once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from torch import nn
+
+# Relative slack of the feasibility rule: float noise, not a user's tolerance (that is a
+# constraint's own ``tolerance``, applied where a budget is converted to ratio limits).
+FEASIBILITY_TOLERANCE = 1e-9
+
+
+class Resource(StrEnum):
+    FLOPS = "flops"
+    PARAMS = "params"
+    SIZE = "size"
+    LATENCY = "latency"
+
+    @property
+    def metric(self) -> str:
+        """The field of a candidate's metrics (``Metrics``, a trial's ``metrics``) holding its usage
+        as a ratio of the dense model."""
+        return _METRIC[self]
+
+    def usage(self, metrics: Mapping[str, Any]) -> float | None:
+        """This resource's usage (ratio of dense) in a metrics mapping; None if it was not measured."""
+        value = metrics.get(self.metric)
+        return None if value is None else float(value)
+
+
+_METRIC = {Resource.FLOPS: "macs_ratio", Resource.PARAMS: "params_ratio", Resource.SIZE: "size_ratio",
+           Resource.LATENCY: "latency_ratio"}
+RESOURCES: tuple[str, ...] = tuple(r.value for r in Resource)
+
+
+def within(usage: float | None, limit: float) -> bool:
+    """The feasibility rule: a measured usage at or under its limit (an unmeasured one is not)."""
+    return usage is not None and usage <= limit * (1 + FEASIBILITY_TOLERANCE)
+
+
+def exceeded(usage: Mapping[str, float | None], limits: Mapping[str, float]) -> dict[str, float | None]:
+    """The limited resources whose usage breaks their limit, with that usage."""
+    return {r: usage.get(r) for r, lim in limits.items() if not within(usage.get(r), lim)}
+
+
+@dataclass(frozen=True)
+class SizeModel:
+    """Size on disk of a pruned model, predicted from its tensor element counts.
+
+    Weights are stored as float32 (4 bytes an element) in a safetensors file whose header barely
+    changes with the widths, so a pruned model takes the dense file's size less 4 bytes for every
+    element removed. ``dense_elements``: the dense model's parameters plus the BatchNorm buffers
+    the pruning graph counts."""
+
+    dense_bytes: int
+    dense_elements: int
+
+    @classmethod
+    def of(cls, model: nn.Module, dense_params: int) -> SizeModel:
+        """For a dense model whose prunable parameters the pruning graph counts as ``dense_params``."""
+        from .measure import size_on_disk
+
+        buffers = sum(b.numel() for b in model.buffers() if b.dtype.is_floating_point)
+        return cls(size_on_disk(model), int(dense_params) + int(buffers))
+
+    def bytes(self, elements: int) -> int:
+        return int(self.dense_bytes - 4 * (self.dense_elements - elements))
+
+    def ratio(self, elements: int) -> float:
+        return self.bytes(elements) / self.dense_bytes

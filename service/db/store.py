@@ -1,0 +1,82 @@
+"""JobStore: one database (its engine is ``get_engine(url)``'s, one pool per process) and the job
+lifecycle's operations on it. Callers hold a store instead of threading a URL through; every status
+change is one of these methods, each a conditional update in ``repo`` (see ``lifecycle``)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from . import repo
+from .engine import read_scope, session_scope
+from .lifecycle import JobStatus
+from .models import Job, utcnow
+
+
+class JobStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Session]:
+        with session_scope(self.url) as s:
+            yield s
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Session]:
+        with read_scope(self.url) as s:
+            yield s
+
+    # ------------------------------------------------------------------ worker side
+
+    def claim(self, job_id: str, worker_id: str) -> Job | None:
+        """The job, now running for ``worker_id``; None if it was not queued (or cancel was asked)."""
+        with self.write() as s:
+            if not repo.claim_job(s, job_id=job_id, worker_id=worker_id):
+                return None
+            return repo.get_job(s, job_id=job_id)
+
+    def start_finetune(self, job_id: str, worker_id: str) -> bool:
+        with self.write() as s:
+            return repo.move_job(s, job_id=job_id, to=JobStatus.FINETUNING, allowed_from=frozenset({JobStatus.RUNNING}),
+                                 extra_where=[Job.worker_id == worker_id], finetune_started_at=utcnow(), progress=1.0)
+
+    def finish(self, job_id: str, worker_id: str, status: JobStatus, **values: Any) -> bool:
+        with self.write() as s:
+            return repo.finish_job(s, job_id=job_id, status=status, worker_id=worker_id, **values)
+
+    def progress(self, job_id: str, **values: Any) -> None:
+        with self.write() as s:
+            repo.update_job_progress(s, job_id=job_id, **values)
+
+    def heartbeat(self, job_id: str) -> None:
+        self.progress(job_id, heartbeat_at=utcnow())
+
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.read() as s:
+            return repo.cancel_requested(s, job_id=job_id)
+
+    def status(self, job_id: str) -> JobStatus | None:
+        with self.read() as s:
+            job = repo.get_job(s, job_id=job_id)
+            return JobStatus(job.status) if job is not None else None
+
+    # ------------------------------------------------------------------ dispatcher side
+
+    def active(self) -> list[tuple[str, JobStatus, datetime | None, bool]]:
+        with self.read() as s:
+            return repo.active_jobs(s)
+
+    def requeue_or_fail(self, job_id: str, reason: str, max_attempts: int, refund: bool = False) -> JobStatus | None:
+        with self.write() as s:
+            return repo.requeue_or_fail(s, job_id=job_id, reason=reason, max_attempts=max_attempts, refund=refund)
+
+    # ------------------------------------------------------------------ API side
+
+    def request_cancel(self, job_id: str) -> JobStatus | None:
+        with self.write() as s:
+            return repo.request_cancel(s, job_id=job_id)
