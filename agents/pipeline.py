@@ -59,7 +59,8 @@ class PipelineHooks:
     """What the caller wires in; every hook is optional.
 
     ``recorder`` keeps the trials (SQL rows, a JSONL file, a list); ``env`` is the host's search
-    environment (Ray map, Optuna storage); ``latency_store`` keeps the latency table's entries;
+    environment (Ray map, Optuna storage); ``state_dir`` keeps the agent's and the fine-tune's
+    checkpoints (a retried job resumes from them); ``latency_store`` keeps the latency table's entries;
     ``latency_table`` is a table the caller built itself (the benchmark keeps its calibration with
     its results); ``should_stop`` is polled while a table is built; ``on_search_done`` runs between
     the search and fine-tuning (the worker moves the job to 'finetuning' there); ``on_finetune_step``
@@ -131,7 +132,8 @@ def finish(pruner: Pruner, splits: DataSplits, strategy: Mapping[str, float], co
     Also the whole of ``prunepilot prune``, whose strategy is given instead of searched."""
     return finalize(pruner, splits, strategy, config.finetune, finetune_dense=config.finetune_dense,
                     test_images=config.test_images, latency_batches=config.latency_batches, threads=_threads(hooks),
-                    on_step=hooks.on_finetune_step, initial_model=initial_model)
+                    on_step=hooks.on_finetune_step, initial_model=initial_model,
+                    checkpoint_dir=hooks.state_dir / "finetune" if hooks.state_dir is not None else None)
 
 
 def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, final: FinalResult, arch: str) -> dict[str, Any]:

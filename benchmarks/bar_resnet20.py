@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--agents", nargs="*", default=list(VARIANTS))
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--evals", type=int, default=60)
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="results file; runs already in it are skipped (another file re-measures them, e.g. to check they reproduce)")
     args = parser.parse_args()
     s = get_settings()
     torch.set_num_threads(s.threads)
@@ -46,7 +48,7 @@ def main() -> None:
     ev = Evaluator(session.pruner, session.splits, Fidelity(val_images=1000, calib_images=1024))
     x, y = heldout_tensors(session.splits)
     calib = ev.data(ev.fidelity).calib_x
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = json.loads(args.results.read_text()) if args.results.exists() else {}
     for name in args.agents:
         agent, options = VARIANTS[name]
         for seed in ([0] if agent == "uniform" else args.seeds):
@@ -61,8 +63,8 @@ def main() -> None:
             test = accuracy(model, x, y)
             results[key] = {"agent": name, "seed": seed, "search_accuracy": best.accuracy, "test_accuracy_adaptive_bn": test,
                             "macs_ratio": best.metrics["macs_ratio"], "best_step": best.step}
-            RESULTS.parent.mkdir(parents=True, exist_ok=True)
-            RESULTS.write_text(json.dumps(results, indent=2))
+            args.results.parent.mkdir(parents=True, exist_ok=True)
+            args.results.write_text(json.dumps(results, indent=2))
             print(f"{name:12s} seed {seed}: val {best.accuracy:.1%}, test {test:.1%} at {best.metrics['macs_ratio']:.1%} MACs "
                   f"(best at evaluation {best.step + 1})", flush=True)
     print(f"\nResNet-20, 50 % MACs, {args.evals} evaluations, adaptive-BN accuracy on 10,000 JPEG test images "

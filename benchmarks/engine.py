@@ -302,7 +302,11 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--fidelity-strategies", type=int, default=12)
     parser.add_argument("--fidelity-epochs", type=float, default=1.0)
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="results file the sections merge into (another file: re-measure without replacing the record)")
     args = parser.parse_args()
+    global RESULTS
+    RESULTS = args.results
     torch.set_num_threads(get_settings().threads)
     for section in args.only:
         if section == "fidelity":

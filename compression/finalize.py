@@ -11,7 +11,8 @@ import copy
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, cast
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,6 +82,15 @@ def paired_latency(a: nn.Module, b: nn.Module, input_size: int, batches: tuple[i
     return la, lb
 
 
+def output_channels(module: nn.Module) -> int:
+    """Output width of a prunable layer's root: a conv's channels or a linear layer's features."""
+    if isinstance(module, nn.Conv2d):
+        return int(module.out_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    raise TypeError(f"{type(module).__name__} is not a prunable root (conv or linear)")
+
+
 def finalize(
     pruner: Pruner,
     splits: DataSplits,
@@ -94,14 +104,16 @@ def finalize(
     adaptive_bn_images: int = 1024,
     on_step: StepCallback | None = None,
     initial_model: nn.Module | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> FinalResult:
     """``initial_model``: the pruned network an agent already adapted (NetAdapt); fine-tuning starts
-    from it instead of re-pruning the dense weights with ``strategy``."""
+    from it instead of re-pruning the dense weights with ``strategy``. ``checkpoint_dir``: where the
+    fine-tunes keep their checkpoints, so a run killed midway continues where it stopped."""
     start = time.perf_counter()
     if initial_model is not None:
         from .spec import spec_of
 
-        kept = [int(cast(nn.Conv2d, initial_model.get_submodule(layer.name)).out_channels) for layer in pruner.layers]
+        kept = [output_channels(initial_model.get_submodule(layer.name)) for layer in pruner.layers]
         pruned = PrunedModel(copy.deepcopy(initial_model), spec_of(initial_model, pruner.arch, pruner.num_classes, pruner.input_size),
                              pruner.effective(np.array(kept)), kept)
     else:
@@ -111,7 +123,10 @@ def finalize(
     calib = norm(splits.train.subset(adaptive_bn_images, seed=1).images).contiguous(memory_format=torch.channels_last)
     recalibrate_batchnorm(model, calib)  # a better start for fine-tuning than stale statistics
     teacher = pruner.model if config.distill else None
-    ft = finetune(model, splits.train, norm, config, teacher=teacher, on_step=on_step)
+    if checkpoint_dir is not None:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    ft = finetune(model, splits.train, norm, config, teacher=teacher, on_step=on_step,
+                  checkpoint=checkpoint_dir / "finetune-pruned.pt" if checkpoint_dir is not None else None)
     dense = copy.deepcopy(pruner.model).eval()
     x, y = heldout_tensors(splits, test_images)
     size = pruner.input_size
@@ -119,7 +134,8 @@ def finalize(
     figs = {"dense": figures(dense, x, y, size, dense_lat), "pruned": figures(model, x, y, size, pruned_lat)}
     if finetune_dense:
         dense_ft = copy.deepcopy(pruner.model)
-        finetune(dense_ft, splits.train, norm, config, teacher=teacher)
+        finetune(dense_ft, splits.train, norm, config, teacher=teacher,
+                 checkpoint=checkpoint_dir / "finetune-dense.pt" if checkpoint_dir is not None else None)
         figs["dense_finetuned"] = figures(dense_ft, x, y, size, dense_lat)
     pruned.model = model
     return FinalResult(pruned, figs, ft.seconds, len(y), time.perf_counter() - start)

@@ -10,6 +10,8 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,25 @@ class FinetuneResult:
 
 StepCallback = Callable[[int, int, float], bool | None]  # (step, total, loss) -> True to stop
 
+CHECKPOINTS_PER_EPOCH = 4
+
+
+def _save_checkpoint(path: Path, state: dict[str, object]) -> None:
+    """Written under a temporary name and moved into place: a kill mid-save keeps the previous one."""
+    tmp = path.with_name(f"{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path | None, total: int, config: FinetuneConfig) -> dict[str, object] | None:
+    """A checkpoint of this very run (same schedule and settings), or None to start from step 0."""
+    if path is None or not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("total") != total or state.get("config") != repr(config):
+        return None  # another run's (a changed spec): not ours to resume
+    return dict(state)
+
 
 def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     if warmup > 0 and step < warmup:
@@ -71,8 +92,15 @@ def finetune(
     config: FinetuneConfig,
     teacher: nn.Module | None = None,
     on_step: StepCallback | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> FinetuneResult:
-    """Fine-tune ``model`` in place; returns it in eval mode."""
+    """Fine-tune ``model`` in place; returns it in eval mode.
+
+    ``checkpoint``: a file the run's state (weights, optimizer, data order, random generator) is
+    saved to every ``checkpoint_every`` steps (default a quarter epoch); a run that finds a
+    checkpoint of the same schedule there continues after its step instead of starting again, and
+    ends as the uninterrupted run would have. The file is removed once the run completes."""
     total = config.total_steps(len(train))
     start = time.perf_counter()
     if total == 0:
@@ -96,7 +124,17 @@ def finetune(
     pos = 0
     loss_value = float("nan")
     forward_s = 0.0
-    for step in range(total):
+    first = 0
+    resumed = _load_checkpoint(checkpoint, total, config)
+    if resumed is not None:
+        model.load_state_dict(cast(dict[str, torch.Tensor], resumed["model"]))
+        opt.load_state_dict(cast(dict[str, object], resumed["optimizer"]))
+        gen.set_state(cast(torch.Tensor, resumed["generator"]))
+        perm, pos = cast(torch.Tensor, resumed["perm"]), int(cast(int, resumed["pos"]))
+        first = int(cast(int, resumed["step"]))
+    every = checkpoint_every or max(1, math.ceil(len(train) / config.batch_size / CHECKPOINTS_PER_EPOCH))
+    step = first - 1
+    for step in range(first, total):
         if pos + config.batch_size > len(perm):
             perm = torch.randperm(len(train), generator=gen)
             pos = 0
@@ -125,7 +163,12 @@ def finetune(
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             raise PrunePilotError(f"fine-tuning diverged at step {step} (loss {loss_value}); lower the learning rate")
+        if checkpoint is not None and (step + 1) % every == 0 and step + 1 < total:
+            _save_checkpoint(checkpoint, {"total": total, "config": repr(config), "step": step + 1, "model": model.state_dict(),
+                                          "optimizer": opt.state_dict(), "generator": gen.get_state(), "perm": perm, "pos": pos})
         if on_step is not None and on_step(step + 1, total, loss_value):
             break
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     model.eval()
     return FinetuneResult(step + 1, loss_value, time.perf_counter() - start, forward_s)

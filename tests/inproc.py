@@ -40,7 +40,7 @@ class InProcessApi:
 
 
 def open_api(data_dir: Path, **overrides: Any) -> tuple[TestClient, Settings]:
-    settings = Settings(data_dir=data_dir, run_dispatcher=False, auth_cache_s=0, **overrides)
+    settings = Settings(**{"data_dir": data_dir, "run_dispatcher": False, "auth_cache_s": 0, **overrides})
     data_dir.mkdir(parents=True, exist_ok=True)
     upgrade(settings.db_url)
     return TestClient(create_app(settings)), settings

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
 import signal
 import threading
 import time
-import zipfile
 from pathlib import Path
 
-import httpx
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -64,6 +60,7 @@ def wait_for(predicate, timeout: float = 180, every: float = 0.3):  # type: igno
 def test_submit_poll_download_and_load(server, alice: Client, mini_zip: Path, resnet20_weights: Path, mini_splits, tmp_path: Path) -> None:
     job = alice.submit(quick_spec(finetune={"epochs": 0.2}), resnet20_weights, mini_zip)
     assert job["status"] == "queued" and job["links"]["self"] == f"/v1/jobs/{job['id']}"
+    assert httpx.get(f"{server.url}/healthz").json()["ray"] == "embedded"
     seen = set()
     done = alice.wait(job["id"], poll_s=0.3, timeout_s=300, on_update=lambda j: seen.add(j["status"]))
     assert done["status"] == "succeeded", done["error"]
@@ -183,103 +180,6 @@ def server_job_status(server: Server, job_id: str) -> str:
         return repo.get_job(s, job_id=job_id).status
 
 
-class _Evil:
-    marker = ""
-
-    def __reduce__(self):
-        return (os.system, (f"touch {_Evil.marker}",))
-
-
-def _job_count(c: Client) -> int:
-    return c.jobs()["total"]
-
-
-@pytest.mark.parametrize(("spec_over", "message"), [
-    ({"arch": "resnet21"}, "unknown architecture 'resnet21'"),
-    ({"agent": "nope"}, "unknown agent 'nope'"),
-    ({"agent": "amc", "agent_options": {"budget_mod": "bound"}}, "unknown option(s) for agent 'amc': budget_mod"),
-    ({"agent": "amc", "agent_options": {"recipe": "fast"}}, "unknown AMC recipe 'fast'"),
-    ({"budget": {"constraints": [{"resource": "flops", "ratio": 1.0}]}}, "ratio must be in (0, 1)"),
-    ({"budget": {"constraints": [{"resource": "flops", "ratio": 0.0}]}}, "ratio must be in (0, 1)"),
-    ({"budget": {"constraints": [{"resource": "energy", "ratio": 0.5}]}}, "budget.constraints.0.resource"),
-    ({"budget": {"constraints": [{"resource": "flops", "ratio": 0.05}]}}, "infeasible under the layer limits"),
-    ({"budget": {"constraints": [{"resource": "params", "value": 1e9}]}}, "not below the dense model"),
-    ({"criterion": "random"}, "unknown criterion"),
-    ({"constraints": {"exclude": ["layer9.conv"]}}, "cannot exclude layer9.conv: not a prunable layer"),
-    ({"search": {"max_evaluations": 0}}, "search.max_evaluations"),
-    ({"dataset": "imagenet"}, "unknown dataset 'imagenet'"),
-])
-def test_bad_specs_are_rejected_with_422_and_nothing_created(server, alice: Client, mini_zip: Path, resnet20_weights: Path,
-                                                             spec_over: dict, message: str) -> None:
-    before = _job_count(alice)
-    uploads = set((server.data_dir / "uploads").glob("*")) if (server.data_dir / "uploads").exists() else set()
-    with pytest.raises(ApiError) as err:
-        alice.submit(quick_spec(**spec_over), resnet20_weights, mini_zip if spec_over.get("dataset", "upload") == "upload" else None)
-    assert err.value.status == 422 and message in err.value.detail, err.value.detail
-    assert _job_count(alice) == before
-    after = set((server.data_dir / "uploads").glob("*")) if (server.data_dir / "uploads").exists() else set()
-    assert not {p for p in after - uploads if not p.name.startswith(".")}
-
-
-def test_pickle_that_runs_code_is_refused(server, alice: Client, mini_zip: Path, tmp_path: Path) -> None:
-    marker = tmp_path / "pwned"
-    _Evil.marker = str(marker)
-    evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"state_dict": {"conv1.weight": _Evil()}}))
-    with pytest.raises(ApiError) as err:
-        alice.submit(quick_spec(), evil, mini_zip)
-    assert err.value.status == 422 and "not a state dict" in err.value.detail
-    time.sleep(0.5)
-    assert not marker.exists()
-
-
-def test_wrong_weights_name_the_keys(server, alice: Client, mini_zip: Path, resnet56_weights: Path) -> None:
-    with pytest.raises(ApiError) as err:
-        alice.submit(quick_spec(), resnet56_weights, mini_zip)
-    assert err.value.status == 422 and "unexpected keys: layer1.3.conv1.weight" in err.value.detail
-
-
-def test_spec_that_is_not_json(server, alice: Client, resnet20_weights: Path) -> None:
-    r = alice.http.post("/v1/jobs", data={"spec": "{not json"}, files={"weights": ("w.th", resnet20_weights.read_bytes())})
-    assert r.status_code == 422 and "not valid JSON" in r.json()["detail"]
-
-
-def test_zip_with_path_traversal_is_refused(server, alice: Client, resnet20_weights: Path, tmp_path: Path) -> None:
-    bad = tmp_path / "bad.zip"
-    with zipfile.ZipFile(bad, "w") as z:
-        z.writestr("train/cat/1.jpg", b"x")
-        z.writestr("../../etc/evil.jpg", b"x")
-    with pytest.raises(ApiError) as err:
-        alice.submit(quick_spec(), resnet20_weights, bad)
-    assert err.value.status == 422 and "outside the archive" in err.value.detail
-
-
-def test_users_see_only_their_own_jobs(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
-    job = alice.submit(quick_spec(agent="uniform", search={"max_evaluations": 1}), resnet20_weights, mini_zip)
-    with Client(server.url, server.keys["bob"]) as bob:
-        for call in (lambda: bob.job(job["id"]), lambda: bob.trials(job["id"]), lambda: bob.cancel(job["id"])):
-            with pytest.raises(ApiError) as err:
-                call()
-            assert err.value.status == 404
-        assert all(j["id"] != job["id"] for j in bob.jobs()["items"])
-    assert any(j["id"] == job["id"] for j in alice.jobs(limit=500)["items"])
-    r = httpx.get(f"{server.url}/v1/jobs/{job['id']}")
-    assert r.status_code == 401
-    r = httpx.get(f"{server.url}/v1/jobs", headers={"Authorization": "Bearer pp_wrong"})
-    assert r.status_code == 401
-    alice.wait(job["id"], timeout_s=300)
-
-
-def test_a_revoked_key_is_refused_once_its_cache_entry_expires(server) -> None:
-    created = server.cli("keys", "create", "--name", "carol").split()  # "key <id> (carol): <secret>"
-    key_id, secret = created[1], created[-1]
-    headers = {"Authorization": f"Bearer {secret}"}
-    assert httpx.get(f"{server.url}/v1/jobs", headers=headers).status_code == 200  # verified, now cached
-    server.cli("keys", "revoke", key_id)
-    wait_for(lambda: httpx.get(f"{server.url}/v1/jobs", headers=headers).status_code == 401, timeout=6, every=0.2)
-    assert httpx.get(f"{server.url}/v1/jobs", headers=headers).status_code == 401
-
-
 def test_twenty_concurrent_submissions_all_finish(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
     ids: list[str] = []
     errors: list[Exception] = []
@@ -299,18 +199,3 @@ def test_twenty_concurrent_submissions_all_finish(server, alice: Client, mini_zi
     assert not errors and len(set(ids)) == 20
     for job_id in ids:
         assert alice.wait(job_id, poll_s=0.5, timeout_s=600)["status"] == "succeeded"
-
-
-def test_models_agents_health_and_openapi(server, alice: Client) -> None:
-    models = alice.http.get("/v1/models").json()
-    assert {"resnet20", "resnet56", "mobilenet_v2"} <= {m["name"] for m in models}
-    agents = {a["name"] for a in alice.http.get("/v1/agents").json()}
-    assert {"amc", "netadapt", "optuna-tpe", "optuna-nsga2", "uniform", "sensitivity", "global", "random"} <= agents
-    health = httpx.get(f"{server.url}/healthz").json()
-    assert health == {**health, "status": "ok", "database": "sqlite", "ray": "embedded"}
-    spec = httpx.get(f"{server.url}/openapi.json").json()
-    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/trials",
-                 "/v1/jobs/{job_id}/model", "/v1/jobs/{job_id}/report", "/v1/models", "/v1/agents", "/healthz"):
-        assert path in spec["paths"], path
-    assert "202" in spec["paths"]["/v1/jobs"]["post"]["responses"]
-    assert json.dumps(spec).count("bearer") or json.dumps(spec).count("HTTPBearer")
