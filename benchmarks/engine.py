@@ -298,6 +298,7 @@ def bench_store(n: int = 300) -> None:
 
 
 def main() -> None:
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--fidelity-strategies", type=int, default=12)
@@ -305,7 +306,6 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="results file the sections merge into (another file: re-measure without replacing the record)")
     args = parser.parse_args()
-    global RESULTS
     RESULTS = args.results
     torch.set_num_threads(get_settings().threads)
     for section in args.only:
