@@ -22,7 +22,7 @@ from .api.errors import handle_validation
 from .auth import Unauthorized, principal_for
 from .db.engine import StoreError
 from .db.migrate import ensure_current
-from .jobs import InvalidJob, JobService, NotFound, NotReady
+from .jobs import InvalidJob, JobService, NotFound, NotReady, QuotaExceeded
 from .middleware import LimitsAndLogs
 from .settings import Settings, get_settings
 from .uploads import UploadTooLarge
@@ -69,7 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.ray_mode = "off"
 
     app.add_middleware(LimitsAndLogs, max_body=2 * settings.max_upload_bytes + (1 << 20),
-                       authenticate=partial(principal_for, settings), unauthorized=Unauthorized)
+                       authenticate=partial(principal_for, settings), unauthorized=Unauthorized, unavailable=StoreError)
 
     def handler(code: int):
         async def handle(_: Request, exc: Exception) -> JSONResponse:
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(NotFound, handler(404))
     app.add_exception_handler(NotReady, handler(409))
     app.add_exception_handler(UploadTooLarge, handler(413))
+    app.add_exception_handler(QuotaExceeded, handler(429))
     async def store_failed(request: Request, exc: Exception) -> JSONResponse:
         # The message may quote SQL and its parameters (other users' values, the schema): log it, never send it.
         log.error("database error on %s %s: %s", request.method, request.url.path, exc)

@@ -277,6 +277,20 @@ def keys_revoke(key_id: int) -> None:
     console.print(f"key {key_id} revoked")
 
 
+@app.command("gc")
+def gc_files() -> None:
+    """Remove the files of jobs failed or cancelled over PRUNEPILOT_FAILED_JOB_RETENTION_DAYS ago (rows and trials stay)."""
+    from .db.migrate import ensure_current
+    from .retention import sweep
+
+    settings = get_settings()
+    ensure_current(settings.db_url)
+    result = sweep(settings)
+    console.print(result.summary(), highlight=False, soft_wrap=True)
+    if result.errors:
+        raise typer.Exit(1)
+
+
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="bind address")] = None,

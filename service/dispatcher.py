@@ -3,7 +3,8 @@
 A thread in the API process. Each tick it (1) collects finished Ray tasks, re-queueing jobs whose
 worker died (bounded by ``job_max_attempts``), (2) re-queues jobs that are marked running but
 have no live worker (after an API restart, or a stale heartbeat on a cluster), and (3) submits
-queued jobs. Retried jobs resume from their recorded trials.
+queued jobs. Retried jobs resume from their recorded trials. Every few minutes, after a tick, it
+also sweeps the files of long-failed and long-cancelled jobs (``retention``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
+from . import retention
 from .db.lifecycle import IN_WORKER, JobStatus
 from .db.store import JobStore
 from .settings import Settings
@@ -48,6 +51,7 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="dispatcher")
         self._embedded = not settings.ray_address
         self._first_tick = True
+        self._next_sweep = 0.0  # monotonic time of the next retention sweep: the first follows the first tick
 
     def start(self) -> None:
         import ray
@@ -82,7 +86,22 @@ class Dispatcher:
                 self.tick()
             except Exception:  # noqa: BLE001 - keep dispatching; the next tick retries
                 log.exception("dispatcher tick failed")
+            self.sweep_files()
             self._stop.wait(self.settings.dispatch_interval_s)
+
+    def sweep_files(self, now: float | None = None) -> None:
+        """The retention sweep (service/retention.py) every ``retention.SWEEP_INTERVAL_S``; a failure is
+        logged and never stops dispatching."""
+        now = time.monotonic() if now is None else now
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + retention.SWEEP_INTERVAL_S
+        try:
+            result = retention.sweep(self.settings)
+            if result.removed or result.errors:
+                log.info("retention: %s", result.summary())
+        except Exception:  # noqa: BLE001 - a full disk or a database hiccup: the next sweep retries
+            log.exception("retention sweep failed")
 
     def tick(self) -> None:
         import ray

@@ -47,6 +47,10 @@ class NotReady(PrunePilotError):
     """The resource exists but is not available yet (HTTP 409)."""
 
 
+class QuotaExceeded(PrunePilotError):
+    """The key already has as many active jobs as it may (HTTP 429); nothing was read or created."""
+
+
 @dataclass
 class UploadedFile:
     stream: BinaryIO
@@ -123,7 +127,24 @@ class JobService:
 
     # ------------------------------------------------------------------ create
 
+    def check_quota(self, owner_id: int | None) -> None:
+        """Refuse a key that already has ``max_active_jobs_per_key`` jobs queued, running or fine-tuning.
+
+        Checked before the uploads are read, so it costs one count; not in the insert's transaction,
+        which comes after the uploads are validated and published. Submissions of one key at once may
+        therefore all pass the check and end over the limit, by fewer than the number in flight
+        together; a soft limit is enough to keep one key from filling the queue, which is its purpose."""
+        limit = self.settings.max_active_jobs_per_key
+        if limit is None:
+            return
+        with read_scope(self.url) as s:
+            active = repo.count_active_jobs(s, owner_id=owner_id)
+        if active >= limit:
+            raise QuotaExceeded(f"this API key already has {active} active jobs (queued, running or fine-tuning); the limit is "
+                                f"{limit} (PRUNEPILOT_MAX_ACTIVE_JOBS_PER_KEY): wait for one to end or cancel one")
+
     def submit(self, owner_id: int | None, spec: JobCreate, weights: UploadedFile, dataset: UploadedFile | None = None) -> JobPublic:
+        self.check_quota(owner_id)  # first: before the uploads are read or stored
         if spec.agent not in AGENTS:
             raise InvalidJob(f"unknown agent {spec.agent!r}; available: {', '.join(AGENTS)}")
         try:

@@ -38,12 +38,14 @@ class BodyTooLarge(HTTPException):
 
 class LimitsAndLogs:
     def __init__(self, app: ASGIApp, max_body: int, authenticate: Callable[[str | None], object] | None = None,
-                 unauthorized: type[Exception] = PermissionError) -> None:
-        """``authenticate(authorization_header)`` raises ``unauthorized`` for a missing or bad key."""
+                 unauthorized: type[Exception] = PermissionError, unavailable: type[Exception] = ConnectionError) -> None:
+        """``authenticate(authorization_header)`` raises ``unauthorized`` for a missing or bad key and
+        ``unavailable`` when it cannot tell (the database is down: 503, as the routes answer it)."""
         self.app = app
         self.max_body = max_body
         self.authenticate = authenticate
         self.unauthorized = unauthorized
+        self.unavailable = unavailable
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,6 +90,9 @@ class LimitsAndLogs:
                 await anyio.to_thread.run_sync(self.authenticate, raw.decode("latin-1") if raw is not None else None)
             except self.unauthorized as exc:
                 return 401, str(exc), [(b"www-authenticate", b"Bearer")]
+            except self.unavailable as exc:  # the detail may quote SQL: logged, never sent
+                log.error("key check failed on %s %s: %s", scope["method"], scope["path"], exc)
+                return 503, "the database is unavailable or failed; try again later", []
         return None
 
     def _limited(self, receive: Receive) -> Receive:

@@ -6,7 +6,7 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -58,6 +58,15 @@ class Settings(BaseSettings):
                                                         "(each loads the whole file into memory); further submissions "
                                                         "wait their turn")
     job_max_attempts: int = Field(default=3, ge=1, description="runs of a job whose worker died, before it fails")
+    max_active_jobs_per_key: int | None = Field(
+        default=50, ge=1,
+        description="jobs one API key may have queued, running or fine-tuning at once; a submission past it is answered "
+                    "429 before its uploads are stored ('none': no limit)")
+    failed_job_retention_days: float | None = Field(
+        default=7.0, ge=0,
+        description="days the files of a failed or cancelled job are kept (its state directory, any artifacts, and the "
+                    "uploads and decoded data caches no other job needs); the job's row and trials stay. Swept by the "
+                    "dispatcher every few minutes and by `prunepilot gc` ('none': keep forever)")
     dispatch_interval_s: float = Field(default=1.0, gt=0)
     run_dispatcher: bool = Field(default=True, description="run jobs from this API process (off: an API-only replica)")
     auth_disabled: bool = Field(default=False, description="accept requests without an API key (single-user local use)")
@@ -66,6 +75,12 @@ class Settings(BaseSettings):
                                             "a revoked key stops working within this time (0: look up every request)")
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @field_validator("max_active_jobs_per_key", "failed_job_retention_days", mode="before")
+    @classmethod
+    def _none_word(cls, value: object) -> object:
+        """An environment variable cannot hold None: 'none' or an empty value switches these off."""
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none") else value
 
     @property
     def cache_dir(self) -> Path:

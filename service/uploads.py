@@ -164,11 +164,20 @@ def publish(upload: StoredUpload) -> None:
     Kept rather than replaced: a worker may be reading it, and replacing an open file on a shared
     (NFS) uploads directory breaks the reader's handle. Two requests publishing the same new content
     at once both rename, which is harmless: the bytes are the same.
+
+    Kept content has its change time (ctime) renewed, its modification time untouched (a decoded
+    data cache is keyed by it): the retention sweep (service/retention.py) spares an upload changed
+    in the last hour, so it cannot take content a job being created now is about to name.
     """
-    if upload.final.exists():
-        upload.path.unlink(missing_ok=True)
-    else:
+    try:
+        st = upload.final.stat()
+        os.utime(upload.final, ns=(st.st_atime_ns, st.st_mtime_ns))  # same times; the kernel sets ctime to now
+    except FileNotFoundError:  # new content, or swept a moment ago: this copy becomes the content
         os.replace(upload.path, upload.final)
+        return
+    except OSError:  # e.g. not the file's owner: the sweep's grace then counts from its first publication
+        pass
+    upload.path.unlink(missing_ok=True)
 
 
 def discard(upload: StoredUpload) -> None:

@@ -77,3 +77,20 @@ def test_weights_errors_name_the_users_file_not_the_servers(api, resnet56_weight
     detail = r.json()["detail"]
     assert "my-resnet56.th does not match the architecture" in detail, detail
     assert ".incoming" not in detail and str(api.settings.data_dir) not in detail
+
+
+@pytest.mark.parametrize(("method", "url"), [("post", "/v1/jobs"), ("get", "/v1/jobs")])
+def test_a_database_failure_during_the_key_check_is_a_503_without_sql(api, monkeypatch: pytest.MonkeyPatch,
+                                                                      method: str, url: str) -> None:
+    """POSTs are authenticated in the middleware (before the body), GETs in the route: both say 503."""
+    from prunepilot.service import auth
+    from prunepilot.service.db.engine import StoreError
+
+    def down(*_args: object, **_kw: object) -> None:
+        raise StoreError("database error: [SQL: SELECT api_keys.key_hash FROM api_keys]")
+
+    monkeypatch.setattr(auth, "authenticate", down)
+    kwargs = {"files": {"weights": ("w.th", b"x")}, "data": {"spec": "{}"}} if method == "post" else {}
+    r = getattr(api.client, method)(url, headers=api.headers(), **kwargs)
+    assert r.status_code == 503 and _is_error_body(r), r.text
+    assert "SQL" not in r.text

@@ -70,3 +70,10 @@ def test_src_links_every_layer_folder() -> None:
     for name, folder in LAYER_FOLDERS.items():
         link = ROOT / "src" / "prunepilot" / name
         assert link.is_symlink() and link.resolve() == (ROOT / folder).resolve(), f"{link} must be a symlink to {folder}/"
+
+
+def test_benchmark_scripts_compile() -> None:
+    """The benchmark scripts are outside the type-checked package; a syntax error there (seen once:
+    a `global` after its first use) would only show on the day someone reruns them."""
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):
+        compile(script.read_text(), str(script), "exec")  # raises SyntaxError

@@ -23,7 +23,9 @@ def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 
 
 @pytest.fixture()
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    return {"PRUNEPILOT_DATA_DIR": str(tmp_path / "data")}
+    # one torch thread: two threads on a loaded two-core machine wait on each other (a ResNet-20
+    # forward went from 3 ms to 940 ms here), which made the prune and latency tests take minutes
+    return {"PRUNEPILOT_DATA_DIR": str(tmp_path / "data"), "PRUNEPILOT_THREADS": "1"}
 
 
 def test_profile_lists_prunable_layers(resnet20_weights: Path, cli_env) -> None:
@@ -43,14 +45,14 @@ def test_prune_end_to_end(mini_zip: Path, resnet20_weights: Path, tmp_path: Path
     # residual channels left whole: uniform 0.5 on the block-internal convs halves the MACs
     streams = ["--exclude", "conv1", "--exclude", "layer2.0.conv2", "--exclude", "layer3.0.conv2"]
     r = run_cli("prune", "--arch", "resnet20", "--weights", str(resnet20_weights), "--data", str(mini_zip), "--uniform", "0.5",
-                *streams, "--finetune-epochs", "0.2", "--out", str(out), env_extra=cli_env)
+                *streams, "--finetune-epochs", "0.2", "--test-images", "100", "--out", str(out), env_extra=cli_env)
     assert r.returncode == 0, r.stderr
     assert "accuracy" in r.stdout and "latency b1" in r.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["macs_ratio"] == pytest.approx(0.505, abs=0.01)
     model = load_artifact(out)
     assert count_macs(model, 32) == report["figures"]["pruned"]["macs"]
-    x, y = heldout_tensors(load_splits(mini_zip, val_size=300))
+    x, y = heldout_tensors(load_splits(mini_zip, val_size=300), 100)
     assert accuracy(model.to(memory_format=torch.channels_last), x, y) == pytest.approx(report["figures"]["pruned"]["accuracy"], abs=1e-6)
     assert report["figures"]["pruned"]["accuracy"] > 0.3
 
@@ -89,10 +91,26 @@ def test_serve_refuses_an_unmigrated_database(tmp_path: Path, cli_env) -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_latency_table_cli_builds_then_reuses(tmp_path: Path, cli_env) -> None:
+def test_latency_table_cli_measures_what_is_missing_then_reuses(tmp_path: Path, cli_env) -> None:
+    """`latency build` times the entries this machine's table lacks and stores them; the next build
+    (another architecture with the same layer signatures) times none. All but five entries are
+    stored beforehand, so the real timing stays short."""
+    from prunepilot.compression import PruningGraph, build_model
+    from prunepilot.compression.latency import LatencyTable
+    from prunepilot.service.latency_store import SqlLatencyStore
+    from prunepilot.service.settings import Settings
+
     assert run_cli("db", "upgrade", env_extra=cli_env).returncode == 0
+    settings = Settings(data_dir=tmp_path / "data", threads=int(cli_env["PRUNEPILOT_THREADS"]))
+    model = build_model("resnet20")
+    table = LatencyTable(PruningGraph(model, 32), model, SqlLatencyStore(settings.db_url), 1, settings.threads)
+    todo = table.missing()
+    table.store.put(table.device, {sig: (0.05, 1) for *_, sig in todo[5:]})
     first = run_cli("latency", "build", "--arch", "resnet20", env_extra=cli_env)
     assert first.returncode == 0, first.stderr
-    assert "measured now" in first.stdout and "(0 measured now)" not in first.stdout
+    assert "(5 measured now)" in first.stdout
+    assert table.missing() == []
+    measured = SqlLatencyStore(settings.db_url).get(table.device)
+    assert all(measured[sig] > 0 for *_, sig in todo[:5])
     again = run_cli("latency", "build", "--arch", "resnet32", env_extra=cli_env)  # same layer signatures
     assert again.returncode == 0 and "(0 measured now)" in again.stdout

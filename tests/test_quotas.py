@@ -81,12 +81,12 @@ def test_the_limit_can_be_switched_off() -> None:
 
 
 @pytest.fixture()
-def rsettings(tmp_path: Path):
-    settings = Settings(data_dir=tmp_path / "data", run_dispatcher=False, failed_job_retention_days=7)
+def rsettings(tmp_path: Path, db_url: str) -> Settings:
+    """SQLite and PostgreSQL: the sweep's queries read paths out of the job's JSON problem."""
+    settings = Settings(data_dir=tmp_path / "data", database_url=db_url, run_dispatcher=False, failed_job_retention_days=7)
     settings.data_dir.mkdir(parents=True)
     upgrade(settings.db_url)
-    yield settings
-    dispose_engines()
+    return settings
 
 
 def upload(settings: Settings, name: str, suffix: str) -> Path:
@@ -141,7 +141,7 @@ def test_old_failed_and_cancelled_jobs_lose_their_files_recent_ones_keep_them(rs
         assert not (s.data_dir / "jobs" / job_id).exists()
         assert not (s.artifacts_dir / job_id).exists()
     assert not old_w.exists() and not old_d.exists() and not gone_w.exists() and not old_cache.exists()
-    assert result.jobs == 2 and result.files > 0 and result.bytes > 0
+    assert result.jobs == {old_failed, old_cancelled} and result.removed == 8 and result.bytes > 0 and not result.errors
 
     assert (s.data_dir / "jobs" / recent).is_dir() and (s.artifacts_dir / recent).is_dir()
     assert new_w.exists() and new_d.exists() and new_cache.exists()
@@ -151,7 +151,7 @@ def test_old_failed_and_cancelled_jobs_lose_their_files_recent_ones_keep_them(rs
     assert rows == {old_failed: "failed", old_cancelled: "cancelled", recent: "failed"}
 
     again = retention.sweep(s, upload_grace_s=0)  # idempotent: nothing left to remove, no error
-    assert (again.files, again.bytes, again.errors) == (0, 0, 0)
+    assert (again.jobs, again.removed, again.bytes, again.errors) == (set(), 0, 0, 0)
 
 
 def test_uploads_another_job_still_needs_are_kept(rsettings: Settings) -> None:
@@ -174,11 +174,36 @@ def test_a_just_published_upload_is_spared_and_retention_can_be_off(rsettings: S
     w = upload(s, "w-fresh", ".pt")  # (re)published a moment ago, maybe for a job not yet committed
     old = job(s, JobStatus.FAILED, w, ended_days_ago=10)
     off = retention.sweep(s.model_copy(update={"failed_job_retention_days": None}), upload_grace_s=0)
-    assert (off.jobs, off.files) == (0, 0) and (s.data_dir / "jobs" / old).exists()
+    assert (off.jobs, off.removed) == (set(), 0) and (s.data_dir / "jobs" / old).exists()
 
     retention.sweep(s)  # the default grace
     assert w.exists()
     assert not (s.data_dir / "jobs" / old).exists()
+
+
+def test_publishing_kept_content_renews_its_ctime_not_its_mtime(tmp_path: Path) -> None:
+    """What the sweep's grace relies on; the mtime is part of a decoded cache's key, so it must not move."""
+    import os
+    import time
+
+    from prunepilot.service.uploads import StoredUpload, publish
+
+    final = tmp_path / f"{hashlib.sha256(b'x').hexdigest()}.zip"
+    final.write_bytes(b"x")
+    os.utime(final, ns=(1_000_000_000, 1_000_000_000))  # published long ago
+    before = final.stat()
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    staged = tmp_path / ".incoming-1.zip"
+    staged.write_bytes(b"x")
+    publish(StoredUpload("x", staged, 1, "data.zip", final))
+    after = final.stat()
+    assert after.st_mtime_ns == before.st_mtime_ns and after.st_ctime_ns > before.st_ctime_ns
+    assert not staged.exists()
+
+    final.unlink()  # swept meanwhile: the staged copy becomes the content
+    staged.write_bytes(b"x")
+    publish(StoredUpload("x", staged, 1, "data.zip", final))
+    assert final.read_bytes() == b"x" and not staged.exists()
 
 
 def test_gc_command_prints_one_line(rsettings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -189,6 +214,7 @@ def test_gc_command_prints_one_line(rsettings: Settings, monkeypatch: pytest.Mon
 
     job(rsettings, JobStatus.FAILED, upload(rsettings, "w-cli", ".pt"), ended_days_ago=10)
     monkeypatch.setenv("PRUNEPILOT_DATA_DIR", str(rsettings.data_dir))
+    monkeypatch.setenv("PRUNEPILOT_DATABASE_URL", rsettings.db_url)
     get_settings.cache_clear()
     try:
         r = CliRunner().invoke(cli.app, ["gc"])

@@ -109,6 +109,44 @@ def test_two_processes_writing_trials_concurrently_lose_nothing(db_url: str) -> 
     assert job.best_accuracy == pytest.approx(0.199) and job.best_step == 199 and job.evaluations == 200
 
 
+def test_a_search_resumed_through_the_sql_recorder_evaluates_each_step_once(db_url: str) -> None:
+    """A worker killed mid-search leaves its trials in the database; the retry reads them back and
+    goes on. Rows cannot show a step done twice (an insert of a step recorded before is ignored), so
+    the recorder's calls and the evaluator's own counter are counted across both runs instead."""
+    from helpers.synthetic import SyntheticEvaluator
+
+    from prunepilot.agents import SearchCancelled, SearchContext, SearchLimits, create_agent
+    from prunepilot.compression import Pruner, build_model
+    from prunepilot.service.recorder import SqlTrialRecorder
+
+    upgrade(db_url)
+    _make_job(db_url, "resumed")
+    evaluator = SyntheticEvaluator(Pruner(build_model("resnet20"), "resnet20", 10, 32))
+    recorded: list[int] = []
+
+    class CountingRecorder(SqlTrialRecorder):
+        def record(self, trial: TrialRecord) -> None:
+            recorded.append(trial.step)
+            super().record(trial)
+
+    def search(recorder: SqlTrialRecorder) -> None:
+        ctx = SearchContext(evaluator, {"flops": 0.5}, SearchLimits(max_evaluations=10), recorder, seed=0, agent="random")
+        create_agent("random").search(ctx)
+
+    killed = CountingRecorder(db_url, "resumed")
+    killed.should_stop = lambda: len(recorded) >= 4  # type: ignore[method-assign]  # the worker dies here
+    with pytest.raises(SearchCancelled):
+        search(killed)
+    assert recorded == [0, 1, 2, 3] and evaluator.evaluations == 4
+    search(CountingRecorder(db_url, "resumed"))
+    assert recorded == list(range(10))  # steps 0-3 came back from the database, not from a second run
+    assert evaluator.evaluations == 10
+    with session_scope(db_url) as s:
+        rows, total = repo.list_trials(s, job_id="resumed")
+        assert repo.get_job(s, job_id="resumed").evaluations == 10
+    assert total == 10 and [r.step for r in rows] == list(range(10))
+
+
 def test_cli_db_upgrade(tmp_path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     r = subprocess.run([sys.executable, "-m", "prunepilot.service.cli", "db", "upgrade"], capture_output=True, text=True,

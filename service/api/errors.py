@@ -18,6 +18,7 @@ DESCRIPTIONS = {
     409: "Not possible in the job's current state",
     413: "The request body is larger than the upload limit",
     422: "Invalid input; the message names the field",
+    429: "The API key has as many active jobs as it may (PRUNEPILOT_MAX_ACTIVE_JOBS_PER_KEY); nothing was stored",
     503: "The database is unavailable or busy",
 }
 

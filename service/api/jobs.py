@@ -64,7 +64,7 @@ def _parse_spec(raw: str) -> JobCreate:
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
-             responses=responses(*AUTHED, 400, 413),
+             responses=responses(*AUTHED, 400, 413, 429),
              summary="Submit a pruning job",
              description="Multipart form: `spec` (JSON, see JobCreate), `weights` (state dict or safetensors), "
                          "optional `dataset` (ImageFolder zip, with spec.dataset = 'upload'). Answers 202 with the job's links.")

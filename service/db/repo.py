@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Insert, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, Insert, and_, func, not_, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -126,6 +126,47 @@ def active_jobs(session: Session) -> list[tuple[str, JobStatus, datetime | None,
     rows = session.execute(select(Job.id, Job.status, Job.heartbeat_at, Job.cancel_requested)
                            .where(Job.status.in_([str(s) for s in ACTIVE])).order_by(Job.created_at)).all()
     return [(r[0], JobStatus(r[1]), r[2], bool(r[3])) for r in rows]
+
+
+def count_active_jobs(session: Session, *, owner_id: int | None) -> int:
+    """Jobs of one API key (None: the keyless user of a server with auth disabled) not yet ended."""
+    owner = Job.owner_id.is_(None) if owner_id is None else Job.owner_id == owner_id
+    stmt = select(func.count()).select_from(Job).where(owner, Job.status.in_([str(s) for s in ACTIVE]))
+    return int(session.scalar(stmt) or 0)
+
+
+# The retention sweep (service/retention.py): failed and cancelled jobs that ended before a cutoff.
+_SWEPT = (JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def _expired(before: datetime) -> ColumnElement[bool]:
+    # finished_at is set by every move to failed or cancelled; updated_at only guards a row written otherwise
+    return and_(Job.status.in_([str(s) for s in _SWEPT]), func.coalesce(Job.finished_at, Job.updated_at) < before)
+
+
+def _upload_paths() -> tuple[ColumnElement[str], ColumnElement[str]]:
+    return Job.problem["weights_path"].as_string(), Job.problem["dataset_path"].as_string()
+
+
+def expired_jobs(session: Session, *, before: datetime) -> list[tuple[str, str | None, str | None]]:
+    """(id, weights path, data set path) of every failed or cancelled job that ended before ``before``."""
+    weights, data = _upload_paths()
+    rows = session.execute(select(Job.id, weights, data).where(_expired(before)).order_by(Job.id)).all()
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def upload_paths_in_use(session: Session, *, paths: Iterable[str], before: datetime) -> set[str]:
+    """Those of ``paths`` that a job not expired at ``before`` names as its weights or data set: an
+    active or succeeded job, or a failed or cancelled one that ended at or after ``before``."""
+    weights, data = _upload_paths()
+    wanted = set(paths)
+    ordered = sorted(wanted)
+    used: set[str] = set()
+    for i in range(0, len(ordered), 500):  # bounded IN lists
+        chunk = ordered[i:i + 500]
+        rows = session.execute(select(weights, data).where(not_(_expired(before)), or_(weights.in_(chunk), data.in_(chunk)))).all()
+        used.update(p for row in rows for p in row if p in wanted)
+    return used
 
 
 # ------------------------------------------------------------------ trials
