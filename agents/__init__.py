@@ -11,6 +11,7 @@ from ._base import (
     SearchEnv,
     SearchLimits,
     SearchResult,
+    TrialLedger,
     TrialRecord,
     TrialRecorder,
 )
@@ -24,6 +25,6 @@ from .registry import AGENTS, agent_names, create_agent, describe_agents
 
 __all__ = [
     "AGENTS", "AMCAgent", "Agent", "FinalConfig", "Mapper", "GlobalAgent", "JobResult", "MemoryRecorder", "NetAdaptAgent", "OptunaNSGA2Agent", "OptunaTPEAgent", "PipelineConfig", "PipelineHooks", "RandomAgent",
-    "SearchCancelled", "SearchContext", "SearchEnv", "SearchLimits", "SearchResult", "SensitivityAgent", "TrialRecord", "TrialRecorder",
+    "SearchCancelled", "SearchContext", "SearchEnv", "SearchLimits", "SearchResult", "SensitivityAgent", "TrialLedger", "TrialRecord", "TrialRecorder",
     "UniformAgent", "agent_names", "check_measured_latency", "create_agent", "describe_agents", "run_pipeline", "solve_uniform",
 ]

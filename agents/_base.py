@@ -120,6 +120,42 @@ class SearchResult:
     model: Any = None
 
 
+class TrialLedger:
+    """One search's trials: their numbering, the record a resumed job replays, and the best so far.
+
+    Steps count up from 0. A step already in the record (a retried job) is answered from it instead of
+    being evaluated again; seeded agents regenerate the same proposals, so nothing is lost or run twice.
+    """
+
+    def __init__(self, recorder: TrialRecorder) -> None:
+        self.recorder = recorder
+        self._done: dict[int, TrialRecord] = {t.step: t for t in recorder.existing()}
+        self.step = 0
+        self.best: TrialRecord | None = None
+        for t in self.trials():
+            self._track_best(t)
+
+    def recorded(self, step: int) -> TrialRecord | None:
+        return self._done.get(step)
+
+    def add(self, trial: TrialRecord) -> None:
+        """Record a new trial (at ``trial.step``) and follow the best."""
+        self.recorder.record(trial)
+        self._done[trial.step] = trial
+        self._track_best(trial)
+
+    def fast_forward(self) -> None:
+        if self._done:
+            self.step = max(self.step, max(self._done) + 1)
+
+    def trials(self) -> list[TrialRecord]:
+        return sorted(self._done.values(), key=lambda t: t.step)
+
+    def _track_best(self, trial: TrialRecord) -> None:
+        if trial.feasible and trial.kind != "sensitivity" and (self.best is None or trial.accuracy > self.best.accuracy):
+            self.best = trial
+
+
 class SearchContext:
     """What an agent may use: the evaluator, the budget, the limits and the trial recorder."""
 
@@ -142,6 +178,7 @@ class SearchContext:
         self.limits = self.budget.limits
         self.search = search
         self.recorder = recorder or MemoryRecorder()
+        self.ledger = TrialLedger(self.recorder)
         self.seed = seed
         self.agent = agent
         self.fidelity = fidelity
@@ -150,11 +187,6 @@ class SearchContext:
         self.on_trial = on_trial
         self.rng = np.random.default_rng(seed)
         self.started = time.monotonic()
-        self._done: dict[int, TrialRecord] = {t.step: t for t in self.recorder.existing()}
-        self.step = 0
-        self.best: TrialRecord | None = None
-        for t in sorted(self._done.values(), key=lambda t: t.step):
-            self._track_best(t)
         self.layer_names = self.pruner.layer_names
         self.max_ratios = self.pruner.max_ratios()
         # Every agent would otherwise find out its own way (some by never finding a strategy).
@@ -188,13 +220,28 @@ class SearchContext:
             return list(self.env.map(fn, shared, items))
         return [fn(shared, item) for item in items]
 
+    # ------------------------------------------------------------------ the ledger (TrialLedger)
+
+    @property
+    def step(self) -> int:
+        """The next trial's number."""
+        return self.ledger.step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.ledger.step = value
+
+    @property
+    def best(self) -> TrialRecord | None:
+        """The most accurate feasible trial so far (sensitivity probes excluded)."""
+        return self.ledger.best
+
     def is_recorded(self, step: int) -> bool:
-        return step in self._done
+        return self.ledger.recorded(step) is not None
 
     def fast_forward(self) -> None:
         """Continue after the recorded trials (for agents whose own state remembers them)."""
-        if self._done:
-            self.step = max(self.step, max(self._done) + 1)
+        self.ledger.fast_forward()
 
     def exhausted(self) -> bool:
         if self.search.max_evaluations is not None and self.step >= self.search.max_evaluations:
@@ -213,8 +260,9 @@ class SearchContext:
         self.check_cancel()
         vec = to_vector(ratios, self.layer_names) if isinstance(ratios, Mapping) else np.asarray(ratios, dtype=np.float64)
         step = self.step
-        if step in self._done:
-            trial = self._done[step]
+        recorded = self.ledger.recorded(step)
+        if recorded is not None:
+            trial = recorded
             kept = list(self.pruner.kept_from_vector(vec))
             if trial.metrics.get("kept") is not None and list(trial.metrics["kept"]) != kept:
                 log.warning("resumed step %d differs from the recorded trial; keeping the recorded one", step)
@@ -229,22 +277,16 @@ class SearchContext:
         trial = TrialRecord(step=step, agent=self.agent, strategy=m.strategy, metrics=metrics,
                             reward=m.accuracy if reward is None else reward, feasible=feasible, kind=kind,
                             wall_time_s=m.wall_time_s, extra=dict(extra or {}))
-        self.recorder.record(trial)
-        self._done[step] = trial
+        self.ledger.add(trial)
         if count:
             self.step += 1
-        self._track_best(trial)
         if self.on_trial is not None:
             self.on_trial(trial)
         return trial
 
-    def _track_best(self, trial: TrialRecord) -> None:
-        if trial.feasible and trial.kind != "sensitivity" and (self.best is None or trial.accuracy > self.best.accuracy):
-            self.best = trial
-
     def trials(self) -> list[TrialRecord]:
         """Every trial of this search so far, resumed ones included, in step order."""
-        return sorted(self._done.values(), key=lambda t: t.step)
+        return self.ledger.trials()
 
     def result(self, **info: Any) -> SearchResult:
         return SearchResult(self.best, self.step, time.monotonic() - self.started, info=info)
