@@ -66,7 +66,7 @@ def test_dashboard_shows_every_agent_and_updates_live(browser, seeded, mini_zip:
     srv, key, client, done, failing = seeded
     page = browser.new_page(viewport={"width": 1500, "height": 1800})
     page.goto(f"{srv.url}/dashboard#key={key}&job={done['random']}")
-    page.wait_for_function("document.querySelector('#scatter .scatterlayer .trace') !== null", timeout=30000)
+    page.locator("#scatter .scatterlayer .trace").first.wait_for(state="attached", timeout=30000)  # no string eval under the CSP
     traces = page.evaluate("""() => document.getElementById('scatter').data
         .filter(t => t.meta && t.meta.role === 'trials').map(t => ({agent: t.meta.agent, n: t.x.length}))""")
     agents = {t["agent"]: t["n"] for t in traces}
@@ -126,7 +126,7 @@ def test_one_agent_problem_renders(browser, seeded) -> None:
     srv, key, client, done, _ = seeded
     page = browser.new_page()
     page.goto(f"{srv.url}/dashboard#key={key}&job={done['solo']}")
-    page.wait_for_function("document.querySelector('#scatter .scatterlayer .trace') !== null", timeout=30000)
+    page.locator("#scatter .scatterlayer .trace").first.wait_for(state="attached", timeout=30000)  # no string eval under the CSP
     roles = page.evaluate("() => document.getElementById('scatter').data.filter(t => t.meta && t.meta.role === 'trials').length")
     assert roles == 1
     assert page.locator("#finals tbody tr").count() == 1
