@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -25,6 +26,22 @@ log = logging.getLogger("prunepilot.dispatcher")
 
 
 def init_ray(settings: Settings) -> str:
+    """Start or join Ray for this process, keeping the process's own SIGTERM / SIGINT handling."""
+    if threading.current_thread() is not threading.main_thread():
+        return _init_ray(settings)
+    # ray.init installs a SIGTERM handler that calls sys.exit() wherever the process happens to be:
+    # inside uvicorn's event loop that raised SystemExit in a request (a traceback in the log) and
+    # skipped the graceful shutdown, so running jobs were not handed back. The server's handlers
+    # (uvicorn's: finish requests, run the lifespan's shutdown) are put back.
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _init_ray(settings)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _init_ray(settings: Settings) -> str:
     import ray
 
     if ray.is_initialized():
