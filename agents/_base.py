@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+from pydantic import TypeAdapter, ValidationError
 
 from prunepilot.compression import Evaluator, Fidelity, Metrics, PrunePilotError, Strategy
 from prunepilot.compression.budget import BudgetChecker
@@ -309,15 +310,28 @@ class Agent(ABC):
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    # Options the agent reads; anything else is a typo the user should hear about, not a silent no-op.
+    # The options the agent reads, each with its type (pydantic: bounds, literals). Anything else is a
+    # typo the user should hear about, not a silent no-op; a value of the wrong type is refused when the
+    # agent is made (the API's submission), not when the search reads it in a worker.
+    option_types: ClassVar[Mapping[str, Any]] = {}
     option_names: ClassVar[frozenset[str]] = frozenset()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.option_names = frozenset(cls.option_types)
 
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - self.option_names)
         if unknown:
             allowed = ", ".join(sorted(self.option_names)) or "none"
             raise PrunePilotError(f"unknown option(s) for agent {self.name!r}: {', '.join(unknown)}; allowed: {allowed}")
-        self.options = options
+        self.options = {key: self._checked(key, value) for key, value in options.items() if value is not None}  # None: unset
+
+    def _checked(self, key: str, value: Any) -> Any:
+        try:
+            return TypeAdapter(self.option_types[key]).validate_python(value)
+        except ValidationError as exc:
+            raise PrunePilotError(f"agent {self.name!r} option {key!r}: {exc.errors()[0]['msg']} (got {value!r})") from None
 
     # Said after "found no strategy within the budget" when a search ends with no feasible trial.
     no_feasible_hint: ClassVar[str] = "the budget may be infeasible under the layer limits"

@@ -51,11 +51,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 import torch
 from gymnasium import spaces
+from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from stable_baselines3 import DDPG
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
@@ -204,8 +205,13 @@ RECIPES = {"paper": Recipe(actor_lr=1e-4, warmup_share=0.25), "tuned": Recipe(ac
 
 class AMCAgent(Agent):
     name = "amc"
-    option_names = frozenset({"episodes", "warmup", "sigma", "noise_decay", "reward", "weights", "fill", "budget_mode",
-                              "actor_lr", "critic_lr", "uniform_first", "updates_per_step", "recipe"})
+    option_types = {
+        "episodes": PositiveInt, "warmup": NonNegativeInt, "sigma": PositiveFloat,
+        "noise_decay": Literal["auto"] | Annotated[float, Field(gt=0, le=1)], "reward": Literal["error", "error-log-flops", "combined"],
+        "weights": dict[Literal["flops", "params", "size", "latency"], NonNegativeFloat], "fill": bool,
+        "budget_mode": Literal["project", "bound"], "actor_lr": PositiveFloat, "critic_lr": PositiveFloat, "uniform_first": bool,
+        "updates_per_step": PositiveInt, "recipe": str,
+    }
     description = ("AMC: DDPG over per-layer ratios (He et al. 2018), budget met by projection (or AMC's action bounding), "
                    "reward from adaptive-BN accuracy")
 

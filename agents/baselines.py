@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
+from pydantic import Field
 
 from prunepilot.compression import PrunePilotError
 
@@ -79,7 +82,7 @@ class SensitivityAgent(Agent):
     """
 
     name = "sensitivity"
-    option_names = frozenset({"points"})
+    option_types = {"points": Annotated[int, Field(ge=0, le=100)]}  # 0: chosen from the evaluation budget
     description = "per-layer sensitivity curves, ratios chosen by an accuracy-drop threshold that meets the budget"
 
     def explore(self, ctx: SearchContext) -> SearchResult:

@@ -26,10 +26,11 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -90,7 +91,8 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
 
 class NetAdaptAgent(Agent):
     name = "netadapt"
-    option_names = frozenset({"initial_reduction", "decay", "short_steps", "lr", "batch_size", "verify_latency"})
+    option_types = {"initial_reduction": Annotated[float, Field(gt=0, le=1)], "decay": Annotated[float, Field(gt=0, le=1)],
+                    "short_steps": NonNegativeInt, "lr": PositiveFloat, "batch_size": PositiveInt, "verify_latency": bool}
     description = "NetAdapt: iterative per-layer proposals from a latency lookup table, short fine-tune each, keep the best"
     no_feasible_hint = "it stops once it reaches the budget, so raise the evaluation or time limit"
 

@@ -15,10 +15,11 @@ choice, and a user-chosen study name could attach to another job's study.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import optuna
+from pydantic import Field, PositiveInt
 
 from prunepilot.compression import PrunePilotError
 from prunepilot.compression.resources import Resource
@@ -124,7 +125,7 @@ class _OptunaAgent(Agent):
 
 class OptunaTPEAgent(_OptunaAgent):
     name = "optuna-tpe"
-    option_names = frozenset({"startup"})
+    option_types = {"startup": PositiveInt}
     description = "Optuna TPE (multivariate) over per-layer profiles projected onto the budget; uniform enqueued first"
     directions = ["maximize"]
 
@@ -155,7 +156,7 @@ class OptunaNSGA2Agent(_OptunaAgent):
     """
 
     name = "optuna-nsga2"
-    option_names = frozenset({"population"})
+    option_types = {"population": Annotated[int, Field(ge=2)]}
     description = "Optuna NSGA-II: Pareto front of accuracy vs the budgeted resources, best point within budget"
 
     @property

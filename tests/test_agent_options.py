@@ -40,3 +40,25 @@ def test_agents_do_not_advertise_server_side_names(api) -> None:
 def test_the_agent_refuses_them_outside_the_service_too() -> None:
     with pytest.raises(PrunePilotError, match="unknown option"):
         create_agent("optuna-tpe", storage="sqlite:///x.db")
+
+
+@pytest.mark.parametrize(("agent", "options", "message"), [
+    ("optuna-tpe", {"startup": "abc"}, "agent 'optuna-tpe' option 'startup': Input should be a valid integer"),
+    ("optuna-tpe", {"startup": 0}, "option 'startup': Input should be greater than 0"),
+    ("optuna-nsga2", {"population": 1}, "option 'population': Input should be greater than or equal to 2"),
+    ("amc", {"budget_mode": "tight"}, "option 'budget_mode': Input should be 'project' or 'bound'"),
+    ("amc", {"sigma": -1}, "option 'sigma'"),
+    ("amc", {"weights": {"energy": 1.0}}, "option 'weights'"),
+    ("netadapt", {"decay": 1.5}, "option 'decay': Input should be less than or equal to 1"),
+    ("sensitivity", {"points": [1]}, "option 'points'"),
+])
+def test_wrongly_typed_options_are_refused_at_submission(api, resnet20_weights: Path, agent: str, options: dict, message: str) -> None:
+    """They used to be accepted and fail in the worker (int('abc')) after the data was decoded."""
+    r = api.submit({**SPEC, "agent": agent, "agent_options": options}, resnet20_weights)
+    assert r.status_code == 422 and message in r.json()["detail"], r.text
+
+
+def test_well_typed_options_are_taken_as_their_type() -> None:
+    agent = create_agent("optuna-tpe", startup="7")  # a CLI --option value arrives as text
+    assert agent.options == {"startup": 7}
+    assert create_agent("amc", recipe=None).options == {}  # None: unset
