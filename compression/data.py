@@ -184,6 +184,12 @@ class _Member:
     name: str  # path inside the source
 
 
+def class_names(names: Sequence[str]) -> list[str]:
+    """The classes an archive's or folder's file names hold, as the loader will read them (sorted);
+    raises DataError for a layout it cannot read (no images, images at mixed depths)."""
+    return sorted({m.cls for m in _index_members(names)})
+
+
 def _index_members(names: Sequence[str]) -> list[_Member]:
     """Map ``[prefix/]{split/}class/file`` names to members; the layout is inferred."""
     files = [PurePosixPath(n) for n in names if is_image_name(n)]

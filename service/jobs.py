@@ -31,7 +31,16 @@ from .db.store import JobStore
 from .schemas import JobCreate, JobPublic, Links, TrialPublic
 from .settings import Settings
 from .storage import LocalArtifactStore
-from .uploads import StoredUpload, discard, publish, store_stream, validate_dataset_zip, validate_weights, validation_slot
+from .uploads import (
+    StoredUpload,
+    dataset_classes,
+    discard,
+    publish,
+    store_stream,
+    validate_dataset_zip,
+    validate_weights,
+    validation_slot,
+)
 from .workspace import BUILTIN_DATASETS, decode_size
 
 
@@ -177,6 +186,11 @@ class JobService:
                 d = store_stream(dataset.stream, dataset.filename, "dataset", self.settings)
                 stored.append(d)
                 validate_dataset_zip(d, self.settings, image_size=decode_size(spec.arch, spec.image_size))
+                classes = dataset_classes(d)
+                if len(classes) != num_classes:
+                    raise InvalidJob(f"dataset {d.filename} has {len(classes)} class folder(s) with images "
+                                     f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}) but the weights "
+                                     f"{w.filename} classify {num_classes} classes")
                 dataset_path, dataset_key = str(d.final), d.sha256
             check_budget(spec, num_classes, input_size)
         except BaseException as exc:  # staged files are this request's own: drop them whatever went wrong

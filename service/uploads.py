@@ -27,7 +27,7 @@ from typing import BinaryIO
 from PIL import Image
 
 from prunepilot.compression import DataError, PrunePilotError, WeightsError
-from prunepilot.compression.data import image_dimensions, is_image_name
+from prunepilot.compression.data import class_names, image_dimensions, is_image_name
 
 from .settings import Settings
 from .workspace import load_user_model
@@ -94,6 +94,12 @@ def validate_weights(arch: str, upload: StoredUpload) -> int:
     """Load the weights into the architecture (safely); returns the number of classes."""
     _, num_classes = load_user_model(arch, upload.path, source=upload.filename)
     return num_classes
+
+
+def dataset_classes(upload: StoredUpload) -> list[str]:
+    """The class folders of a dataset zip, read as the worker will read them (file names only)."""
+    with zipfile.ZipFile(upload.path) as zf:
+        return class_names(zf.namelist())
 
 
 def validate_dataset_zip(upload: StoredUpload, settings: Settings, image_size: int | None = None) -> None:

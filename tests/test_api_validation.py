@@ -146,3 +146,24 @@ def test_models_agents_health_and_openapi(api) -> None:
         assert path in spec["paths"], path
     assert "202" in spec["paths"]["/v1/jobs"]["post"]["responses"]
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+
+
+def test_a_dataset_whose_classes_do_not_match_the_weights_is_refused(api, small_zip: Path, resnet20_weights: Path,
+                                                                     tmp_path: Path) -> None:
+    three = tmp_path / "three-classes.zip"
+    with zipfile.ZipFile(small_zip) as zin, zipfile.ZipFile(three, "w") as zout:
+        for info in zin.infolist():
+            if info.filename.split("/")[2:3] and info.filename.split("/")[2] in ("airplane", "cat", "dog"):
+                zout.writestr(info.filename, zin.read(info))
+    r = api.submit(quick_spec(), resnet20_weights, three, dataset_name="three-classes.zip")
+    assert r.status_code == 422, r.text
+    assert "three-classes.zip has 3 class folder(s) with images (airplane, cat, dog) but the weights" in r.json()["detail"]
+    assert "classify 10 classes" in r.json()["detail"] and job_count(api) == 0
+
+
+def test_a_dataset_without_images_is_refused(api, resnet20_weights: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "notes.zip"
+    with zipfile.ZipFile(empty, "w") as z:
+        z.writestr("train/cat/readme.txt", b"no images here")
+    r = api.submit(quick_spec(), resnet20_weights, empty)
+    assert r.status_code == 422 and "no image files found" in r.json()["detail"], r.text
