@@ -13,6 +13,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from helpers.specs import quick_spec
 from server import Server
 
 from prunepilot.compression import count_macs, load_artifact
@@ -22,14 +23,6 @@ from prunepilot.service.client import ApiError, Client
 
 pytestmark = pytest.mark.slow
 
-
-def quick_spec(**over) -> dict:
-    spec = {"arch": "resnet20", "dataset": "upload", "agent": "random",
-            "budget": {"constraints": [{"resource": "flops", "ratio": 0.5}]},
-            "search": {"max_evaluations": 3}, "fidelity": {"val_images": 100, "calib_images": 128},
-            "finetune": {"epochs": 0.0}, "measure": {"test_images": 100, "latency_batches": [1]}}
-    spec.update(over)
-    return spec
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,11 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from helpers.specs import quick_spec
 
 from prunepilot.service.auth import create_key
 from prunepilot.service.db import repo
 from prunepilot.service.db.engine import session_scope
-
-
-def quick_spec(**over) -> dict:  # type: ignore[no-untyped-def]
-    spec = {"arch": "resnet20", "dataset": "upload", "agent": "random",
-            "budget": {"constraints": [{"resource": "flops", "ratio": 0.5}]},
-            "search": {"max_evaluations": 3}, "fidelity": {"val_images": 100, "calib_images": 128},
-            "finetune": {"epochs": 0.0}, "measure": {"test_images": 100, "latency_batches": [1]}}
-    spec.update(over)
-    return spec
 
 
 @pytest.fixture(scope="module")

@@ -100,12 +100,18 @@ def test_dashboard_shows_every_agent_and_updates_live(browser, seeded, mini_zip:
     page.close()
 
 
-def test_empty_state_and_key_prompt(browser, tmp_path: Path) -> None:
-    srv = Server(tmp_path / "empty")
+def started_without_dispatcher(data_dir: Path) -> tuple[Server, str]:
+    """A migrated server with one key that runs no jobs (the dashboard only reads what is there)."""
+    srv = Server(data_dir)
     srv.cli("db", "upgrade")
     key = srv.cli("keys", "create").split()[-1]
     srv.env["PRUNEPILOT_RUN_DISPATCHER"] = "0"
     srv.start()
+    return srv, key
+
+
+def test_empty_state_and_key_prompt(browser, tmp_path: Path) -> None:
+    srv, key = started_without_dispatcher(tmp_path / "empty")
     try:
         page = browser.new_page()
         page.goto(f"{srv.url}/dashboard")
@@ -157,11 +163,7 @@ def plant_failed_run(srv: Server, job_id: str) -> None:
 
 def test_user_strings_render_as_text_under_the_csp(browser, tmp_path: Path, mini_zip: Path, resnet20_weights: Path) -> None:
     """Stored XSS: a job name, an error and layer names holding markup show as text and run nothing."""
-    srv = Server(tmp_path / "xss")
-    srv.cli("db", "upgrade")
-    key = srv.cli("keys", "create").split()[-1]
-    srv.env["PRUNEPILOT_RUN_DISPATCHER"] = "0"
-    srv.start()
+    srv, key = started_without_dispatcher(tmp_path / "xss")
     try:
         with Client(srv.url, key) as client:
             job = client.submit(spec("uniform", 1, name=XSS), resnet20_weights, mini_zip)
