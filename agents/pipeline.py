@@ -23,6 +23,7 @@ import torch
 from prunepilot.compression import Budget, DataSplits, Evaluator, Fidelity, FinetuneConfig, PrunePilotError, Pruner, finalize
 from prunepilot.compression.finalize import FinalResult
 from prunepilot.compression.latency import LatencyStore, LatencyTable
+from prunepilot.compression.resources import dense_values
 
 from ._base import MemoryRecorder, SearchContext, SearchEnv, SearchLimits, SearchResult, TrialRecord, TrialRecorder
 from .latency_check import check_measured_latency
@@ -110,8 +111,7 @@ def prepare(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: P
         table.calibrate()
     evaluator = Evaluator(pruner, splits, config.fidelity, latency_model=table)
     g = pruner.graph
-    dense = {"flops": float(g.dense_macs), "params": float(g.dense_params), "size": float(evaluator.dense_size),
-             "latency": table.dense_ms if table is not None else None}
+    dense = dense_values(g.dense_macs, g.dense_params, evaluator.size_model, table.dense_ms if table is not None else None)
     return Prepared(pruner, splits, evaluator, config.budget.ratio_limits(dense), table)
 
 

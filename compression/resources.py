@@ -52,6 +52,13 @@ def exceeded(usage: Mapping[str, float | None], limits: Mapping[str, float]) -> 
     return {r: usage.get(r) for r, lim in limits.items() if not within(usage.get(r), lim)}
 
 
+def dense_values(dense_macs: float, dense_params: float, size: SizeModel, latency_ms: float | None = None) -> dict[str, float | None]:
+    """The dense model's value of each resource, in the units of an absolute budget (what
+    ``Budget.ratio_limits`` converts against); latency None while no latency model exists."""
+    return {Resource.FLOPS: float(dense_macs), Resource.PARAMS: float(dense_params), Resource.SIZE: float(size.dense_bytes),
+            Resource.LATENCY: latency_ms}
+
+
 @dataclass(frozen=True)
 class SizeModel:
     """Size on disk of a pruned model, predicted from its tensor element counts.

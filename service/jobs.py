@@ -21,7 +21,7 @@ from prunepilot.compression import (
 )
 from prunepilot.compression.budget import BudgetChecker
 from prunepilot.compression.graph import PruningGraph
-from prunepilot.compression.resources import SizeModel
+from prunepilot.compression.resources import SizeModel, dense_values
 
 from .db import repo
 from .db.engine import read_scope, session_scope
@@ -77,7 +77,7 @@ def check_budget(spec: JobCreate, num_classes: int, input_size: int) -> dict[str
     if not graph.layers:
         raise InvalidJob(f"{spec.arch} has no prunable layers" + (" left after the exclusions" if constraints.exclude else ""))
     size = SizeModel.of(model, graph.dense_params)  # the evaluator's own size model, so both agree
-    dense = {"flops": float(graph.dense_macs), "params": float(graph.dense_params), "size": float(size.dense_bytes), "latency": None}
+    dense = dense_values(graph.dense_macs, graph.dense_params, size)  # latency: converted on the worker, once measured
     limits: dict[str, float] = {}
     for c in spec.budget.constraints:
         if c.resource == "latency":

@@ -26,6 +26,7 @@ log = logging.getLogger("prunepilot.api")
 
 # Methods whose requests carry a body: the key is checked before any of it is read.
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+PRINCIPAL_STATE = "principal"  # request.state key of the caller the middleware verified
 
 
 class BodyTooLarge(HTTPException):
@@ -87,7 +88,9 @@ class LimitsAndLogs:
         if self.authenticate is not None and scope["method"] in BODY_METHODS:
             raw = headers.get(b"authorization")
             try:
-                await anyio.to_thread.run_sync(self.authenticate, raw.decode("latin-1") if raw is not None else None)
+                principal = await anyio.to_thread.run_sync(self.authenticate, raw.decode("latin-1") if raw is not None else None)
+                # the route reads it from here instead of looking the key up a second time
+                scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
             except self.unauthorized as exc:
                 return 401, str(exc), [(b"www-authenticate", b"Bearer")]
             except self.unavailable as exc:  # the detail may quote SQL: logged, never sent

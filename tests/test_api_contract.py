@@ -94,3 +94,21 @@ def test_a_database_failure_during_the_key_check_is_a_503_without_sql(api, monke
     r = getattr(api.client, method)(url, headers=api.headers(), **kwargs)
     assert r.status_code == 503 and _is_error_body(r), r.text
     assert "SQL" not in r.text
+
+
+def test_a_post_looks_its_key_up_once(api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middleware verifies a POST's key before the body; the route takes that caller, not a second lookup."""
+    from prunepilot.service import auth
+
+    calls: list[str] = []
+    real = auth.authenticate
+
+    def counting(url: str, secret: str, cache_s: float = 0.0):  # type: ignore[no-untyped-def]
+        calls.append(secret)
+        return real(url, secret, cache_s)
+
+    monkeypatch.setattr(auth, "authenticate", counting)
+    r = api.client.post("/v1/jobs/" + "0" * 32 + "/cancel", headers=api.headers())
+    assert r.status_code == 404 and len(calls) == 1
+    r = api.client.get("/v1/jobs/" + "0" * 32, headers=api.headers())
+    assert r.status_code == 404 and len(calls) == 2  # GETs have no body: the route checks the key

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, cast
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from ..auth import Principal, Unauthorized, principal_for
 from ..jobs import JobService
+from ..middleware import PRINCIPAL_STATE
 from ..settings import Settings
 
 bearer = HTTPBearer(auto_error=False, description="API key from `prunepilot keys create`")
@@ -21,6 +22,9 @@ def get_jobs(request: Request) -> JobService:
 def get_principal(request: Request, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal | None:
     # ``creds`` declares the bearer scheme in the OpenAPI document; the header is checked by principal_for.
     settings: Settings = request.app.state.settings
+    verified = request.scope.get("state", {})
+    if PRINCIPAL_STATE in verified:  # POSTs: the middleware checked the key before reading the body
+        return cast(Principal | None, verified[PRINCIPAL_STATE])
     try:
         return principal_for(settings, request.headers.get("authorization"))
     except Unauthorized as exc:
