@@ -26,6 +26,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
@@ -61,6 +62,7 @@ class _Shared:
     batch_size: int
     seed: int
     exclude: tuple[str, ...] = ()
+    reference_widths: dict[str, dict[str, int]] | None = None  # the dense model's (specs are relative to it)
 
 
 @dataclass
@@ -73,8 +75,10 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
     """Prune the current network's layer, adapt BN, fine-tune briefly, score. Top-level for Ray."""
     t0 = time.perf_counter()
     model = build_from_spec(ArchSpec.from_dict(shared.spec), shared.weights)
-    pruner = Pruner(model, shared.spec["arch"], int(shared.spec["num_classes"]), int(shared.spec["input_size"]),
-                    PruningConstraints(max_ratio=0.999, first_layer_max_ratio=0.999, exclude=shared.exclude), criterion="l2")
+    spec = ArchSpec.from_dict(shared.spec)
+    pruner = Pruner(model, spec.arch, spec.num_classes, spec.input_size,
+                    PruningConstraints(max_ratio=0.999, first_layer_max_ratio=0.999, exclude=shared.exclude), criterion="l2",
+                    source_file=Path(spec.source_file) if spec.source_file else None, reference_widths=shared.reference_widths)
     if len(pruner.layers) != len(shared.current_kept):
         raise PrunePilotError("the current network lost a prunable layer; raise the minimum channels per layer")
     kept_here = np.array(shared.current_kept)
@@ -112,7 +116,7 @@ class NetAdaptAgent(Agent):
         if state is None:
             iteration, kept = 0, dense_channels.copy()
             model = copy.deepcopy(pruner.model)
-            spec = ArchSpec(pruner.arch, pruner.num_classes, pruner.input_size)
+            spec = pruner.spec_of(pruner.model)
         else:
             iteration, kept, model, spec = state
         started = time.perf_counter()
@@ -154,7 +158,8 @@ class NetAdaptAgent(Agent):
             first = ctx.step
             todo = [j for j in range(len(props)) if not ctx.is_recorded(first + j)]
             shared = _Shared(spec.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()},
-                             [int(k) for k in kept], data, steps, lr, batch, ctx.seed + iteration, pruner.constraints.exclude)
+                             [int(k) for k in kept], data, steps, lr, batch, ctx.seed + iteration, pruner.constraints.exclude,
+                             pruner.reference_widths)
             outputs = dict(zip(todo, ctx.map(run_proposal, shared, [props[j] for j in todo]), strict=True))
             trials = []
             for j, prop in enumerate(props):

@@ -65,7 +65,8 @@ class PipelineHooks:
     ``latency_table`` is a table the caller built itself (the benchmark keeps its calibration with
     its results); ``should_stop`` is polled while a table is built; ``on_search_done`` runs between
     the search and fine-tuning (the worker moves the job to 'finetuning' there); ``on_finetune_step``
-    sees every fine-tune step and may raise to cancel."""
+    sees every fine-tune step and may raise to cancel; ``score`` replaces validation accuracy as the
+    search's objective."""
 
     recorder: TrialRecorder | None = None
     env: SearchEnv = field(default_factory=SearchEnv)
@@ -77,6 +78,7 @@ class PipelineHooks:
     on_trial: Callable[[TrialRecord], None] | None = None
     on_search_done: Callable[[SearchResult], None] | None = None
     on_finetune_step: StepHook | None = None
+    score: Callable[[torch.nn.Module], float] | None = None  # the user's metric instead of accuracy (prunepilot.compress)
 
 
 @dataclass
@@ -109,7 +111,7 @@ def prepare(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: P
         table = LatencyTable(pruner.graph, pruner.model, hooks.latency_store, latency.batch_size, _threads(hooks))
         table.build(should_stop=hooks.should_stop)
         table.calibrate()
-    evaluator = Evaluator(pruner, splits, config.fidelity, latency_model=table)
+    evaluator = Evaluator(pruner, splits, config.fidelity, latency_model=table, metric=hooks.score)
     g = pruner.graph
     dense = dense_values(g.dense_macs, g.dense_params, evaluator.size_model, table.dense_ms if table is not None else None)
     return Prepared(pruner, splits, evaluator, config.budget.ratio_limits(dense), table)
@@ -141,8 +143,9 @@ def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, fin
     assert best is not None
     out: dict[str, Any] = {
         "arch": arch, "agent": config.agent, "budget": config.budget.describe(), "limits": prepared.limits,
+        "data": prepared.splits.describe(),
         "search": {"evaluations": result.trials, "seconds": result.seconds, "best_step": best.step,
-                   "best_search_accuracy": best.accuracy, "fidelity": config.fidelity.tag,
+                   "best_search_accuracy": best.accuracy, "fidelity": prepared.evaluator.fidelity_tag(),
                    "pareto_steps": [t.step for t in result.pareto],
                    **({"latency_check": result.info["latency_check"]} if "latency_check" in result.info else {})},
         "decode_failures": [f.__dict__ for f in prepared.splits.failures][:100],

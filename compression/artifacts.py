@@ -2,13 +2,17 @@
 
 A directory holds ``model.safetensors`` (weights) + ``spec.json`` (architecture by name and pruned
 widths) - enough to rebuild the model with :func:`load_artifact` - and ``report.json``. The
-``torch.export`` program (``model.pt2``) and ``model.onnx`` are derived from those on request.
+``torch.export`` program (``model.pt2``) and ``model.onnx`` are derived from those on request (the
+ONNX file checked against the torch model in ONNX Runtime). An ONNX-sourced model's artifact also
+keeps its source file (``source.onnx``), so the directory rebuilds on its own.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import threading
 import uuid
 import warnings
@@ -36,9 +40,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+SOURCE_FILE = "source.onnx"
+
+
 def save_artifact(model: nn.Module, spec: ArchSpec, out_dir: str | Path, report: dict[str, Any] | None = None) -> Path:
+    """Weights, spec and report; an ONNX source's file is copied in, so the directory is self-contained."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if spec.source_file is not None:
+        src = Path(spec.source_file)
+        if src.name != SOURCE_FILE or src.parent.resolve() != out.resolve():
+            tmp_src = out / (SOURCE_FILE + f".tmp{os.getpid()}")
+            shutil.copyfile(src, tmp_src)
+            os.replace(tmp_src, out / SOURCE_FILE)
+        spec = dataclasses.replace(spec, source_file=SOURCE_FILE)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     tmp = out / (WEIGHTS_FILE + f".tmp{os.getpid()}")
     save_file(tensors, str(tmp))
@@ -55,7 +70,7 @@ def load_artifact(path: str | Path) -> nn.Module:
     if not spec_path.is_file() or not weights_path.is_file():
         raise WeightsError(f"{path} is not a prunepilot artifact (needs {SPEC_FILE} and {WEIGHTS_FILE})")
     spec = ArchSpec.from_dict(json.loads(spec_path.read_text()))
-    return build_from_spec(spec, load_file(str(weights_path)))
+    return build_from_spec(spec, load_file(str(weights_path)), base=path)
 
 
 def read_spec(path: str | Path) -> ArchSpec:
@@ -75,6 +90,13 @@ def export_format(path: str | Path, fmt: str) -> Path:
             return target
         model = load_artifact(path)
         size = read_spec(path).input_size
+        if fmt == "onnx":  # checked against the torch model in ONNX Runtime before it is offered
+            from .onnx_io import export_onnx
+
+            export_onnx(model, target, input_size=size)
+            for stale in _stale_external_data(target):
+                stale.unlink(missing_ok=True)
+            return target
         example = (torch.randn(2, 3, size, size),)
         # unique per call: another process may export the same file at once; the rename is atomic either way
         tmp = target.with_suffix(target.suffix + f".tmp{os.getpid()}-{uuid.uuid4().hex[:8]}")

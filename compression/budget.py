@@ -12,10 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import numpy as np
+from torch import nn
 
 from .errors import BudgetError
 from .graph import PruningGraph
-from .resources import RESOURCES, SizeModel, exceeded
+from .problem import Budget
+from .resources import RESOURCES, Resource, SizeModel, dense_values, exceeded
 from .strategy import PruningConstraints
 
 
@@ -151,3 +153,24 @@ class BudgetChecker:
             probe[index] = mid
             lo, hi = (lo, mid) if self.feasible(probe) else (mid, hi)
         return hi
+
+
+def analytic_checker(model: nn.Module, graph: PruningGraph, constraints: PruningConstraints, budget: Budget) -> BudgetChecker:
+    """The budget's FLOPs / params / size constraints as ratio limits on this model (absolute values
+    converted with the dense model's figures); refuses latency, which needs a measured table."""
+    if any(c.resource == Resource.LATENCY for c in budget.constraints):
+        raise BudgetError("a latency budget needs a latency table: submit a job (prunepilot submit), which measures one")
+    size = SizeModel.of(model, graph.dense_params)  # the evaluator's own size model, so both agree
+    dense = dense_values(graph.dense_macs, graph.dense_params, size)
+    limits = {str(c.resource): c.limit_ratio(dense[c.resource]) for c in budget.constraints}
+    return BudgetChecker.analytic(graph, constraints, limits, size)
+
+
+def uniform_within(checker: BudgetChecker) -> np.ndarray:
+    """The least uniform pruning that meets the budget (one ratio for every layer, before rounding)."""
+    ratios = checker.project(np.ones(len(checker.channels)), fill=False)
+    if ratios is None:
+        floor = checker.floor()
+        raise BudgetError("the budget is below what the layer limits reach: " +
+                          ", ".join(f"{r} can go down to {floor[r]:.1%} of dense" for r in floor))
+    return ratios

@@ -30,6 +30,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 MAX_IMAGE_BYTES = 128 * 1024**2
 MAX_IMAGE_PIXELS = 40_000_000  # 40 MP: 120 MB as RGB; PIL only warns at 89 MP and refuses at 179 MP
 CACHE_VERSION = 1
+SMALL_SPLIT = 500  # below this, a split's accuracy has a standard error over about 2 pt
 DEFAULT_VAL_SIZE = 5000  # AMC held out 5,000 CIFAR training images for its search reward.
 SPLIT_SEED = 20180908  # fixed: the validation split must be the same for every job and agent
 
@@ -75,10 +76,27 @@ class DataSplits:
     mean: tuple[float, float, float] = CIFAR_MEAN
     std: tuple[float, float, float] = CIFAR_STD
     failures: list[DecodeFailure] = field(default_factory=list)
+    carved: tuple[str, ...] = ()  # the splits carved from train ("val", "test"), not read from their own folders
 
     @property
     def num_classes(self) -> int:
         return len(self.train.classes)
+
+    def warnings(self) -> list[str]:
+        """What a user should know before trusting figures from these splits."""
+        out = []
+        for key, name, split in (("val", "validation", self.val), ("test", "test", self.test)):
+            if len(split) < SMALL_SPLIT:
+                origin = "carved from the training images" if key in self.carved else f"from its {key}/ folder"
+                # the standard error of an accuracy near 50 % on n images: sqrt(0.25 / n)
+                out.append(f"the {name} split has only {len(split)} images ({origin}): accuracy figures on it vary by "
+                           f"about {100 * (0.25 / len(split)) ** 0.5:.0f} pt; add images or a larger {key}/ folder")
+        return out
+
+    def describe(self) -> dict[str, object]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test), "classes": self.num_classes,
+                "image_size": self.image_size, "carved": list(self.carved), "mean": list(self.mean), "std": list(self.std),
+                "warnings": self.warnings()}
 
     @property
     def image_size(self) -> int:
@@ -372,16 +390,19 @@ def load_splits(
     train = decoded.get("train")
     if train is None:
         raise DataError("data has no training images (expected a train/ folder or class folders)")
+    carved = []
     if "val" in decoded:
         val = decoded["val"]
     else:
         n_val = val_size if val_size is not None else min(DEFAULT_VAL_SIZE, max(1, len(train) // 10))
         train, val = split_train_val(train, n_val)
+        carved.append("val")
     test = decoded.get("test")
     if test is None:
         # No test folder: carve one off train too, so final figures never reuse search data.
         train, test = split_train_val(train, max(1, len(train) // 10), seed=SPLIT_SEED + 1)
-    return DataSplits(train, val, test, mean, std, failures)
+        carved.append("test")
+    return DataSplits(train, val, test, mean, std, failures, tuple(carved))
 
 
 # --------------------------------------------------------------------------- batching

@@ -15,6 +15,10 @@ class WeightsError(PrunePilotError):
     pass
 
 
+class OnnxModelError(WeightsError):
+    """An uploaded ONNX model that cannot be read, converted, or reproduced by the converted module."""
+
+
 class DataError(PrunePilotError):
     pass
 

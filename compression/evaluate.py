@@ -61,7 +61,11 @@ class Fidelity:
 
     @property
     def tag(self) -> str:
-        return f"{self.method}/val={self.val_images}/calib={self.calib_images}" + (
+        return self.tag_with(self.val_images, self.calib_images)
+
+    def tag_with(self, val_images: int | None, calib_images: int) -> str:
+        """The label with the image counts actually used (a small data set has fewer than asked for)."""
+        return f"{self.method}/val={val_images}/calib={calib_images}" + (
             f"/ft={self.finetune_steps}" if self.method == "short-finetune" else ""
         )
 
@@ -312,8 +316,12 @@ class Evaluator:
         latency_mode: Literal["off", "predict", "measure"] = "predict",
         latency_batch: int = 1,
         cache_size: int = 4096,
+        metric: Callable[[nn.Module], float] | None = None,
     ) -> None:
+        """``metric``: the user's own metric of a candidate (higher is better), measured after the
+        fidelity step instead of top-1 accuracy on the validation split (``prunepilot.compress``)."""
         self.pruner = pruner
+        self.metric = metric
         self.splits = splits
         self.fidelity = fidelity or Fidelity()
         self.latency_model = latency_model
@@ -339,6 +347,14 @@ class Evaluator:
         if key not in self._data:
             self._data[key] = EvalData.from_splits(self.splits, fidelity.val_images, fidelity.calib_images)
         return self._data[key]
+
+    def fidelity_tag(self, fidelity: Fidelity | None = None) -> str:
+        """How candidates are scored, with the image counts actually used."""
+        fidelity = fidelity or self.fidelity
+        if self.splits is None:
+            return fidelity.tag
+        data = self.data(fidelity)
+        return fidelity.tag_with(len(data.val_y), len(data.calib_x))
 
     def resources(self, kept: np.ndarray) -> dict[str, float]:
         """Budgeted resources of a candidate as ratios of dense, without pruning it (cheap)."""
@@ -375,8 +391,12 @@ class Evaluator:
         model = pruned.model.to(memory_format=torch.channels_last)
         data = self.data(fidelity)
         self._apply_fidelity(model, fidelity, data, timer, pruned.kept_outputs)
-        acc = accuracy(model, data.val_x, data.val_y, fidelity.batch_size, timer)
-        metrics = self.metrics_for(pruned.model, kept, acc, fidelity.tag)
+        if self.metric is not None:
+            metric = self.metric
+            acc = float(timer.run(lambda: torch.tensor(metric(model.eval()))))
+        else:
+            acc = accuracy(model, data.val_x, data.val_y, fidelity.batch_size, timer)
+        metrics = self.metrics_for(pruned.model, kept, acc, self.fidelity_tag(fidelity))
         metrics.prune_time_s = prune_s
         metrics.forward_time_s = timer.seconds
         metrics.wall_time_s = time.perf_counter() - start

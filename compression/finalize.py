@@ -111,10 +111,8 @@ def finalize(
     fine-tunes keep their checkpoints, so a run killed midway continues where it stopped."""
     start = time.perf_counter()
     if initial_model is not None:
-        from .spec import spec_of
-
         kept = [output_channels(initial_model.get_submodule(layer.name)) for layer in pruner.layers]
-        pruned = PrunedModel(copy.deepcopy(initial_model), spec_of(initial_model, pruner.arch, pruner.num_classes, pruner.input_size),
+        pruned = PrunedModel(copy.deepcopy(initial_model), pruner.spec_of(initial_model),
                              pruner.effective(np.array(kept)), kept)
     else:
         pruned = pruner.prune(strategy)
@@ -138,4 +136,5 @@ def finalize(
                  checkpoint=checkpoint_dir / "finetune-dense.pt" if checkpoint_dir is not None else None)
         figs["dense_finetuned"] = figures(dense_ft, x, y, size, dense_lat)
     pruned.model = model
+    pruned.spec.mean, pruned.spec.std = splits.mean, splits.std  # the artifact says how to feed it
     return FinalResult(pruned, figs, ft.seconds, len(y), time.perf_counter() - start)

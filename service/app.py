@@ -16,6 +16,7 @@ from prunepilot import __version__
 from prunepilot.compression import PrunePilotError, UnknownArchitectureError
 
 from . import logs
+from .api import inspect as inspect_api
 from .api import jobs as jobs_api
 from .api import meta as meta_api
 from .api.errors import handle_validation
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(jobs_api.router)
     app.include_router(meta_api.router)
+    app.include_router(inspect_api.router)
     from .api import dashboard as dashboard_api
 
     app.include_router(dashboard_api.router)

@@ -4,26 +4,28 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from prunepilot.compression import (
     CRITERIA,
     FinetuneConfig,
     PrunePilotError,
+    Pruner,
     PruningConstraints,
     StrategyError,
-    arch_info,
-    build_model,
     save_artifact,
     uniform_strategy,
 )
 from prunepilot.compression.graph import PruningGraph
+from prunepilot.compression.sources import InputSpec, ModelSource
 
 from .settings import get_settings
 
@@ -37,6 +39,68 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+ModelOpt = Annotated[str, typer.Option("--model", "--arch", help="the model: a built-in name (e.g. resnet56), timm:<name>, "
+                                      "plugin:<name>, or a path to an .onnx file")]
+InputSizeOpt = Annotated[int | None, typer.Option(help="input resolution in pixels (default: the model's own fixed size, else the "
+                                                  "images' native size; 32 where there are no images)")]
+MeanOpt = Annotated[str | None, typer.Option(help="input normalization mean R,G,B on a 0-1 scale (default: the model's own, else ImageNet's)")]
+StdOpt = Annotated[str | None, typer.Option(help="input normalization std R,G,B (default: as --mean)")]
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected three numbers like 0.485,0.456,0.406, got {text!r}", param_hint=flag) from None
+
+
+@dataclass
+class _Model:
+    source: ModelSource
+    inputs: InputSpec
+    dense: nn.Module
+    num_classes: int
+
+    @property
+    def size(self) -> int:
+        """The resolution shapes are counted at when no data set decides it."""
+        return self.inputs.size or 32
+
+
+def _open_model(model: str, weights: Path | None, input_size: int | None, mean: str | None, std: str | None) -> _Model:
+    """The model named on the command line, with its weights (random ones for shapes only, where allowed);
+    an ONNX file is checked against ONNX Runtime before anything else runs on it."""
+    from prunepilot.compression.sources import ModelSource
+
+    from .workspace import classes_of, load_user_model, model_inputs
+
+    source = ModelSource.parse(model)
+    inputs = model_inputs(source, input_size, _floats(mean, "--mean"), _floats(std, "--std"))
+    if source.carries_weights or weights is not None:
+        dense, num_classes = load_user_model(source, weights)
+    else:
+        dense = source.build()
+        num_classes = classes_of(dense, inputs.size or 32)
+    if source.carries_weights:
+        from prunepilot.compression.onnx_io import check_against_onnxruntime
+
+        assert source.file is not None  # parsed from a path
+        check_against_onnxruntime(dense, source.file, input_size=inputs.size or 32)
+    return _Model(source, inputs, dense, num_classes)
+
+
+def _triple(values: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _pruner(m: _Model, constraints: PruningConstraints | None = None) -> Pruner:
+    from .workspace import make_pruner
+
+    return make_pruner(m.source, m.dense, m.num_classes, m.size, constraints)
+
+
 def _human(n: float, unit: str = "") -> str:
     for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(n) >= div:
@@ -46,23 +110,21 @@ def _human(n: float, unit: str = "") -> str:
 
 @app.command()
 def profile(
-    arch: Annotated[str, typer.Option(help="architecture name, e.g. resnet56, mobilenet_v2")],
+    model: ModelOpt,
     weights: Annotated[Path | None, typer.Option(help="state dict or safetensors (optional: shapes only)")] = None,
-    input_size: Annotated[int | None, typer.Option(help="input resolution (default: the architecture's)")] = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Print the prunable layers in depth order with their shapes and costs."""
-    info = arch_info(arch)
-    if weights is not None:
-        from .workspace import load_user_model
-
-        model, _ = load_user_model(arch, weights)
-    else:
-        model = build_model(arch)
-    graph = PruningGraph(model, input_size or info.input_size)
+    m = _open_model(model, weights, input_size, mean, std)
+    arch = m.source.ref
+    graph = _pruner(m).graph
     if as_json:
         console.print_json(json.dumps([layer.__dict__ for layer in graph.layers]))
         return
+    console.print(f"input: {m.size}x{m.size} RGB, mean {_triple(m.inputs.mean)}, std {_triple(m.inputs.std)}", highlight=False)
     table = Table(title=f"{arch}: {len(graph.layers)} prunable layers, {_human(graph.dense_macs)} MACs, {_human(graph.dense_params)} params")
     for col in ("#", "layer", "type", "N", "C_in", "C_out", "H", "W", "k", "s", "MACs", "params", "coupled"):
         table.add_column(col, justify="right" if col not in ("layer", "type") else "left")
@@ -71,6 +133,44 @@ def profile(
                       str(layer.w), str(layer.kernel), str(layer.stride), _human(layer.flops), _human(layer.params),
                       str(len(layer.coupled)))
     console.print(table)
+
+
+@app.command()
+def inspect(
+    model: ModelOpt,
+    weights: Annotated[Path | None, typer.Option(help="state dict or safetensors (optional: random weights show the same structure)")] = None,
+    budget: Annotated[list[str] | None, typer.Option(help="say whether this budget is reachable: flops=0.5, size=1MB, ... (repeatable)")] = None,
+    evaluations: Annotated[int, typer.Option(help="evaluations of the search to estimate the time of")] = 60,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    max_ratio: Annotated[float, typer.Option(help="largest ratio any layer may take")] = 0.8,
+    exclude: Annotated[list[str] | None, typer.Option(help="a layer to leave whole (repeatable)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+) -> None:
+    """Prunability report before any search: prunable channel groups, layers left whole and why, the
+    reachable floor of each resource, dense figures, and the time a search would take here."""
+    from prunepilot.compression import Budget, measure_latency, parse_constraint
+    from prunepilot.compression.inspect import estimate_evaluation_seconds, inspect_model
+
+    settings = get_settings()
+    m = _open_model(model, weights, input_size, mean, std)
+    pruner = _pruner(m, PruningConstraints(max_ratio=max_ratio, exclude=tuple(exclude or ())))
+    dense_ms = measure_latency([m.dense], m.size, 1, threads=settings.threads, repeats=10)[0].median_ms
+    seconds = estimate_evaluation_seconds(pruner, threads=settings.threads) if pruner.layers else None
+    report = inspect_model(pruner, seconds_per_evaluation=seconds, evaluations=evaluations, dense_latency_ms=dense_ms)
+    problems = report.below_floor(Budget(constraints=[parse_constraint(b) for b in budget])) if budget else []
+    if as_json:
+        console.print_json(json.dumps({**report.to_dict(), "budget_problems": problems}))
+    else:
+        console.print(f"input: {m.size}x{m.size} RGB, mean {_triple(m.inputs.mean)}, std {_triple(m.inputs.std)}", highlight=False)
+        console.print(report.table(), highlight=False, markup=False)
+        if budget and not problems:
+            console.print(f"budget {', '.join(budget)}: reachable", highlight=False)
+    if problems:
+        _fail("; ".join(problems), code=1)
+    if not pruner.layers:
+        _fail(f"{m.source.ref} has no prunable layers (see above)", code=1)
 
 
 def _load_strategy(path: Path) -> dict[str, float]:
@@ -86,12 +186,16 @@ def _load_strategy(path: Path) -> dict[str, float]:
 
 @app.command()
 def prune(
-    arch: Annotated[str, typer.Option(help="architecture name from the zoo")],
-    weights: Annotated[Path, typer.Option(help="state dict (.pt/.th) or .safetensors")],
+    model: ModelOpt,
     out: Annotated[Path, typer.Option(help="output directory for the artifact and report")],
+    weights: Annotated[Path | None, typer.Option(help="state dict (.pt/.th) or .safetensors (not for an .onnx model)")] = None,
     data: Annotated[str, typer.Option(help="cifar10-jpeg, or an ImageFolder directory / zip")] = "cifar10-jpeg",
+    budget: Annotated[list[str] | None, typer.Option(help="prune uniformly as little as meets it: flops=0.5, params=40%, size=1MB (repeatable)")] = None,
     uniform: Annotated[float | None, typer.Option(help="one sparsity ratio for every prunable layer, in [0, 1)")] = None,
     strategy: Annotated[Path | None, typer.Option(help="JSON file {layer: ratio}")] = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     criterion: Annotated[str, typer.Option(help=f"channel importance: {', '.join(CRITERIA)}")] = "l2",
     round_to: Annotated[int | None, typer.Option(help="round kept channels to a multiple")] = None,
     max_ratio: Annotated[float, typer.Option(help="largest ratio any layer may take")] = 0.8,
@@ -102,10 +206,11 @@ def prune(
     finetune_dense: Annotated[bool, typer.Option(help="also fine-tune the dense model with the same budget")] = False,
     test_images: Annotated[int | None, typer.Option(help="evaluate on a class-stratified subset of the test split")] = None,
 ) -> None:
-    """Prune with a uniform ratio or a strategy file, fine-tune, measure, write artifact + report."""
+    """Prune to a budget, a uniform ratio or a strategy file; fine-tune, measure, write artifact + report
+    (an .onnx model also gets OUT/model.onnx, checked in ONNX Runtime)."""
     settings = get_settings()
-    if (uniform is None) == (strategy is None):
-        _fail("give exactly one of --uniform or --strategy")
+    if sum(x is not None for x in (budget or None, uniform, strategy)) != 1:
+        _fail("give exactly one of --budget, --uniform or --strategy")
     if uniform is not None and not 0.0 <= uniform < 1.0:
         _fail(f"--uniform must be in [0, 1), got {uniform}")
     if criterion not in CRITERIA:
@@ -117,14 +222,32 @@ def prune(
 
     from .workspace import open_session
 
+    m = _open_model(model, weights, input_size, mean, std)  # checks the model (and its weights) before the data set is decoded
     constraints = PruningConstraints(max_ratio=max_ratio, round_to=round_to, exclude=tuple(exclude or ()))
-    if constraints.exclude:  # a misspelt layer fails here, before the data set is decoded
-        PruningGraph(build_model(arch), arch_info(arch).input_size, exclude=constraints.exclude)
-    session = open_session(arch, weights, data, settings, constraints, criterion, progress=True)
-    if uniform is not None:
-        chosen = uniform_strategy(session.pruner.layer_names, uniform)
+    early = _pruner(m, constraints)  # a misspelt layer or an unreachable budget fails here, before the data is decoded
+    if not early.layers:
+        _fail(f"{m.source.ref} has no prunable layers" + (" left after the exclusions" if constraints.exclude else "")
+              + ": `prunepilot inspect` says why")
+    from prunepilot.compression import Budget, from_vector, parse_constraint
+    from prunepilot.compression.budget import analytic_checker, uniform_within
+
+    wanted = Budget(constraints=[parse_constraint(b) for b in budget]) if budget else None
+    if wanted is not None:
+        uniform_within(analytic_checker(m.dense, early.graph, early.constraints, wanted))
+    session = open_session(m.source, weights, data, settings, constraints, criterion, progress=True, inputs=m.inputs)
+    pruner = session.pruner
+    said: list[str] = []
+    if wanted is not None:
+        ratios = uniform_within(analytic_checker(session.model, pruner.graph, pruner.constraints, wanted))
+        chosen = from_vector(ratios, pruner.layer_names)
+        said.append(f"budget {wanted.describe()}: every prunable layer pruned by {float(ratios.max()):.1%} of its channels "
+                    f"({len(pruner.layers)} layers; the least uniform pruning that meets it; `prunepilot submit` searches per-layer ratios)")
+    elif uniform is not None:
+        chosen = uniform_strategy(pruner.layer_names, uniform)
+        said.append(f"every prunable layer pruned by {uniform:.0%} of its channels ({len(pruner.layers)} layers, residual "
+                    "channels included, so MACs fall roughly with the square of the kept share)")
     else:
-        assert strategy is not None  # exactly one of the two, checked above
+        assert strategy is not None  # exactly one of the three, checked above
         chosen = _load_strategy(strategy)
     config = FinetuneConfig(epochs=finetune_epochs, lr=lr, distill=distill)
     from tqdm import tqdm
@@ -135,14 +258,27 @@ def prune(
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
-        result = finish(session.pruner, session.splits, chosen,
+        result = finish(pruner, session.splits, chosen,
                         FinalConfig(finetune=config, finetune_dense=finetune_dense, test_images=test_images),
                         PipelineHooks(threads=settings.threads, on_finetune_step=on_step))
-    report: dict[str, Any] = {"arch": arch, "weights": str(weights), "data": data, "criterion": criterion,
+    said.append("BatchNorm statistics were re-estimated on training images after pruning"
+                + (f", then fine-tuned {finetune_epochs:g} epoch(s)" if finetune_epochs else
+                   "; no fine-tuning (--finetune-epochs 0), so expect a large accuracy drop: fine-tune with "
+                   "--finetune-epochs N, or search per-layer ratios with `prunepilot submit`"))
+    report: dict[str, Any] = {"arch": m.source.ref, "weights": str(weights) if weights else None, "data": data, "criterion": criterion,
+                              "data_splits": session.splits.describe(),
                               "finetune": config.__dict__, **result.report()}
     save_artifact(result.pruned.model, result.pruned.spec, out, report)
     _print_final(report)
+    for line in said:
+        console.print(line, highlight=False)
+    for warning in session.splits.warnings():
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     console.print(f"artifact: {out.resolve()}  (load with prunepilot.compression.load_artifact)")
+    if m.source.carries_weights:
+        from prunepilot.compression import export_format
+
+        console.print(f"ONNX:     {export_format(out, 'onnx').resolve()}  (checked against the pruned model in ONNX Runtime)")
 
 
 def _print_final(report: dict[str, Any]) -> None:
@@ -206,9 +342,9 @@ app.add_typer(latency_app, name="latency")
 
 @latency_app.command("build")
 def latency_build(
-    arch: Annotated[str, typer.Option(help="architecture name")],
+    model: ModelOpt,
     weights: Annotated[Path | None, typer.Option(help="weights (their shapes decide the layers; optional)")] = None,
-    input_size: Annotated[int | None, typer.Option(help="input resolution (default: the architecture's)")] = None,
+    input_size: InputSizeOpt = None,
     batch: Annotated[int, typer.Option(help="batch size the table is for")] = 1,
 ) -> None:
     """Measure (or reuse) the table for this machine, stored in the database; Ctrl-C keeps what was measured."""
@@ -223,14 +359,11 @@ def latency_build(
     settings = get_settings()
     ensure_current(settings.db_url)
     torch.set_num_threads(settings.threads)
-    if weights is not None:
-        from .workspace import load_user_model
-
-        model, _ = load_user_model(arch, weights)
-    else:
-        model = build_model(arch)
-    graph = PruningGraph(model, input_size or arch_info(arch).input_size)
-    table = LatencyTable(graph, model, SqlLatencyStore(settings.db_url), batch, settings.threads)
+    m = _open_model(model, weights, input_size, None, None)
+    arch = m.source.ref
+    graph = PruningGraph(m.dense, m.size)
+    model_ = m.dense
+    table = LatencyTable(graph, model_, SqlLatencyStore(settings.db_url), batch, settings.threads)
     todo = len(table.missing())
     with tqdm(total=todo, desc="measuring layers", unit="entry", disable=todo == 0) as bar:
         table.build(progress=lambda done, total: bar.update(done - bar.n))
@@ -347,14 +480,18 @@ def _agent_option(text: str) -> tuple[str, object]:
 
 @app.command()
 def submit(
-    arch: Annotated[str, typer.Option(help="architecture name")],
-    weights: Annotated[Path, typer.Option(help="state dict or safetensors")],
+    model: ModelOpt,
     budget: Annotated[list[str], typer.Option(help="e.g. flops=0.5, latency=8ms, size=1MB (repeatable)")],
+    weights: Annotated[Path | None, typer.Option(help="state dict or safetensors (not for an .onnx model)")] = None,
     agent: Annotated[str, typer.Option(help="search agent")] = "optuna-tpe",
     option: Annotated[list[str] | None, typer.Option(help="agent option KEY=VALUE, value as JSON or text (repeatable)")] = None,
     data: Annotated[str, typer.Option(help="cifar10-jpeg or a path to an ImageFolder zip")] = "cifar10-jpeg",
     evaluations: Annotated[int, typer.Option(help="evaluation budget of the search")] = 60,
     finetune_epochs: Annotated[float, typer.Option(help="final fine-tune epochs")] = 1.0,
+    exclude: Annotated[list[str] | None, typer.Option(help="a layer to leave whole (repeatable; names as `prunepilot profile` lists them)")] = None,
+    input_size: InputSizeOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
     name: Annotated[str | None, typer.Option(help="a label for the job")] = None,
     wait: Annotated[bool, typer.Option(help="poll with a progress bar until the job ends")] = False,
     url: Annotated[str | None, typer.Option(help="API base URL (or PRUNEPILOT_URL)")] = None,
@@ -365,11 +502,18 @@ def submit(
 
     constraints = [parse_constraint(b).model_dump(exclude_none=True) for b in budget]
     options = dict(_agent_option(o) for o in option or [])
-    spec = {"arch": arch, "agent": agent, "agent_options": options, "budget": {"constraints": constraints}, "search": {"max_evaluations": evaluations},
-            "finetune": {"epochs": finetune_epochs}, "dataset": "cifar10-jpeg" if data == "cifar10-jpeg" else "upload", "name": name}
+    onnx_file = Path(model) if model.lower().endswith(".onnx") else None
+    if onnx_file is not None and not onnx_file.is_file():
+        _fail(f"ONNX file not found: {model}")
+    spec: dict[str, Any] = {
+        "arch": "onnx" if onnx_file else model, "agent": agent, "agent_options": options, "budget": {"constraints": constraints},
+        "search": {"max_evaluations": evaluations}, "finetune": {"epochs": finetune_epochs},
+        "constraints": {"exclude": list(exclude or [])}, "image_size": input_size,
+        "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
+        "dataset": "cifar10-jpeg" if data == "cifar10-jpeg" else "upload", "name": name}
     with _client(url, key) as client:
-        job = client.submit(spec, weights, None if data == "cifar10-jpeg" else data)
-        console.print(f"job {job['id']} {job['status']}")
+        job = client.submit(spec, weights, None if data == "cifar10-jpeg" else data, model=onnx_file)
+        console.print(f"job {job['id']} {job['status']}  (dashboard: {client.base_url}{job['links']['dashboard']})")
         if wait:
             job = _progress_wait(client, job["id"])
             console.print(f"job {job['id']} {job['status']}" + (f": {job['error']}" if job.get("error") else ""))
@@ -386,7 +530,7 @@ def status(job_id: str, url: Annotated[str | None, typer.Option()] = None, key: 
 
 @app.command()
 def download(job_id: str, out: Annotated[Path, typer.Option(help="directory")],
-             format: Annotated[str, typer.Option(help="state_dict, pt2 or onnx")] = "state_dict",  # noqa: A002
+             format: Annotated[str | None, typer.Option(help="state_dict, pt2 or onnx (default: onnx for a job on an .onnx model, else state_dict)")] = None,  # noqa: A002
              url: Annotated[str | None, typer.Option()] = None, key: Annotated[str | None, typer.Option()] = None) -> None:
     """Download a finished job's pruned model."""
     with _client(url, key) as client:

@@ -30,7 +30,8 @@ class ApiError(Exception):
 class Client:
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 120.0) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout)
+        self.base_url = base_url.rstrip("/")
+        self.http = httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout)
 
     def close(self) -> None:
         self.http.close()
@@ -50,10 +51,16 @@ class Client:
             raise ApiError(r.status_code, detail if isinstance(detail, str) else str(detail))
         return r
 
-    def submit(self, spec: dict[str, Any], weights: str | Path, dataset: str | Path | None = None) -> dict[str, Any]:
+    def submit(self, spec: dict[str, Any], weights: str | Path | None, dataset: str | Path | None = None,
+               model: str | Path | None = None) -> dict[str, Any]:
+        """``model``: an ONNX file (spec arch 'onnx'), sent instead of ``weights``."""
         import json
 
-        files: dict[str, Any] = {"weights": (Path(weights).name, Path(weights).read_bytes())}
+        files: dict[str, Any] = {}
+        if weights is not None:
+            files["weights"] = (Path(weights).name, Path(weights).read_bytes())
+        if model is not None:
+            files["model"] = (Path(model).name, Path(model).read_bytes())
         if dataset is not None:
             files["dataset"] = (Path(dataset).name, Path(dataset).read_bytes())
         return self._check(self.http.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files)).json()
@@ -86,10 +93,12 @@ class Client:
                 raise TimeoutError(f"job {job_id} still {job['status']} after {timeout_s} s")
             time.sleep(poll_s)
 
-    def download(self, job_id: str, out: str | Path, format: str = "state_dict") -> Path:  # noqa: A002
-        r = self._check(self.http.get(f"/v1/jobs/{job_id}/model", params={"format": format}))
+    def download(self, job_id: str, out: str | Path, format: str | None = None) -> Path:  # noqa: A002
+        """The pruned model into ``out``: a directory for ``state_dict``, else a file. ``format`` None:
+        the server's default for the job (ONNX for an ONNX-sourced job, else ``state_dict``)."""
+        r = self._check(self.http.get(f"/v1/jobs/{job_id}/model", params={"format": format} if format else {}))
         out = Path(out)
-        if format == "state_dict":
+        if r.headers.get("content-type", "").startswith("application/zip"):
             out.mkdir(parents=True, exist_ok=True)
             with zipfile.ZipFile(io.BytesIO(r.content)) as z:
                 for name in z.namelist():
@@ -97,7 +106,8 @@ class Client:
                         raise ApiError(500, f"unexpected entry {name!r} in the model bundle")
                     (out / name).write_bytes(z.read(name))
             return out
-        target = out / f"model.{format}" if out.is_dir() or not out.suffix else out
+        suffix = format or "onnx"  # the only file format a default download has
+        target = out / f"model.{suffix}" if out.is_dir() or not out.suffix else out
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(r.content)
         return target

@@ -10,25 +10,19 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from sqlalchemy.orm import Session
+from torch import nn
 
 from prunepilot.agents import AGENTS, create_agent
-from prunepilot.compression import (
-    BudgetError,
-    PrunePilotError,
-    StrategyError,
-    arch_info,
-    build_model,
-)
-from prunepilot.compression.budget import BudgetChecker
-from prunepilot.compression.graph import PruningGraph
-from prunepilot.compression.resources import SizeModel, dense_values
+from prunepilot.compression import Budget, BudgetError, PrunePilotError, StrategyError, UnknownArchitectureError
+from prunepilot.compression.budget import analytic_checker
+from prunepilot.compression.sources import ModelSource, SourceKind
 
 from .db import repo
 from .db.engine import read_scope, session_scope
 from .db.lifecycle import JobStatus
 from .db.models import Job, Trial
 from .db.store import JobStore
-from .schemas import JobCreate, JobPublic, Links, TrialPublic
+from .schemas import InspectCreate, JobCreate, JobPublic, Links, ModelSpec, TrialPublic
 from .settings import Settings
 from .storage import LocalArtifactStore
 from .uploads import (
@@ -38,10 +32,11 @@ from .uploads import (
     publish,
     store_stream,
     validate_dataset_zip,
+    validate_onnx,
     validate_weights,
     validation_slot,
 )
-from .workspace import BUILTIN_DATASETS, decode_size
+from .workspace import BUILTIN_DATASETS, classes_of, make_pruner, model_inputs
 
 
 class NotFound(PrunePilotError):
@@ -66,39 +61,37 @@ class UploadedFile:
     filename: str
 
 
-def check_budget(spec: JobCreate, num_classes: int, input_size: int) -> dict[str, float]:
+def check_budget(spec: JobCreate, source: ModelSource, model: nn.Module, num_classes: int, input_size: int) -> dict[str, float]:
     """Ratio limits for the analytic resources; rejects budgets the layer limits cannot reach."""
-    model = build_model(spec.arch, num_classes)
-    constraints = spec.constraints.to_engine()
     try:
-        graph = PruningGraph(model, input_size, exclude=constraints.exclude)
+        pruner = make_pruner(source, model, num_classes, input_size, spec.constraints.to_engine())
     except StrategyError as exc:
         raise InvalidJob(str(exc)) from None
+    graph, constraints = pruner.graph, pruner.constraints
     if not graph.layers:
-        raise InvalidJob(f"{spec.arch} has no prunable layers" + (" left after the exclusions" if constraints.exclude else ""))
-    size = SizeModel.of(model, graph.dense_params)  # the evaluator's own size model, so both agree
-    dense = dense_values(graph.dense_macs, graph.dense_params, size)  # latency: converted on the worker, once measured
-    limits: dict[str, float] = {}
-    for c in spec.budget.constraints:
-        if c.resource == "latency":
-            continue  # converted on the worker, where latency is measured
-        try:
-            limits[c.resource] = c.limit_ratio(dense[c.resource])
-        except BudgetError as exc:
-            raise InvalidJob(str(exc)) from None
-    if limits:
-        checker = BudgetChecker.analytic(graph, constraints, limits, size)
-        if not checker.reachable():
-            floor = checker.floor()
-            parts = ", ".join(f"{r} can go down to {floor[r]:.1%} of dense" for r in limits)
-            raise InvalidJob(f"budget {spec.budget.describe()} is infeasible under the layer limits "
-                             f"(max ratio {constraints.max_ratio}, first layer {constraints.first_layer_max_ratio}): {parts}")
+        raise InvalidJob(f"{source.ref} has no prunable layers" + (" left after the exclusions" if spec.constraints.exclude else "")
+                         + ": POST /v1/inspect says why")
+    analytic = [c for c in spec.budget.constraints if c.resource != "latency"]  # latency: converted on the worker, once measured
+    if not analytic:
+        return {}
+    try:
+        checker = analytic_checker(model, graph, constraints, Budget(constraints=analytic))
+    except BudgetError as exc:
+        raise InvalidJob(str(exc)) from None
+    limits = dict(checker.limits)
+    if not checker.reachable():
+        floor = checker.floor()
+        parts = ", ".join(f"{r} can go down to {floor[r]:.1%} of dense" for r in limits)
+        raise InvalidJob(f"budget {spec.budget.describe()} is infeasible under the layer limits "
+                         f"(max ratio {constraints.max_ratio}, first layer {constraints.first_layer_max_ratio}): {parts}"
+                         + (f"; {len(pruner.verify_failed)} layer(s) are left whole because pruning them would not be exact"
+                            if pruner.verify_failed else "") + " (POST /v1/inspect shows the prunable and blocked layers)")
     return limits
 
 
 def problem_key(spec: JobCreate, weights_sha: str, dataset_key: str) -> str:
     """Jobs on the same model, data and budget share a key: the dashboard compares them."""
-    blob = json.dumps({"arch": spec.arch, "weights": weights_sha, "data": dataset_key,
+    blob = json.dumps({"arch": spec.arch, "inputs": [spec.image_size, spec.mean, spec.std], "weights": weights_sha, "data": dataset_key,
                        "budget": spec.budget.model_dump(mode="json")}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -152,7 +145,10 @@ class JobService:
             raise QuotaExceeded(f"this API key already has {active} active jobs (queued, running or fine-tuning); the limit is "
                                 f"{limit} (PRUNEPILOT_MAX_ACTIVE_JOBS_PER_KEY): wait for one to end or cancel one")
 
-    def submit(self, owner_id: int | None, spec: JobCreate, weights: UploadedFile, dataset: UploadedFile | None = None) -> JobPublic:
+    def submit(self, owner_id: int | None, spec: JobCreate, weights: UploadedFile | None,
+               dataset: UploadedFile | None = None, model: UploadedFile | None = None) -> JobPublic:
+        """Validate everything a worker will read, then create the job. ``model``: an ONNX file
+        (``spec.arch`` 'onnx'), which carries its own weights; otherwise ``weights`` for ``spec.arch``."""
         self.check_quota(owner_id)  # first: before the uploads are read or stored
         if spec.agent not in AGENTS:
             raise InvalidJob(f"unknown agent {spec.agent!r}; available: {', '.join(AGENTS)}")
@@ -160,7 +156,7 @@ class JobService:
             create_agent(spec.agent, **spec.agent_options)
         except PrunePilotError as exc:
             raise InvalidJob(str(exc)) from None
-        info = arch_info(spec.arch)
+        source = self._source(spec, weights, model)
         if spec.dataset not in BUILTIN_DATASETS and spec.dataset != "upload":
             raise InvalidJob(f"unknown dataset {spec.dataset!r}; use {', '.join(BUILTIN_DATASETS)} or 'upload' with a dataset zip")
         if spec.dataset == "upload" and dataset is None:
@@ -171,41 +167,42 @@ class JobService:
             raise InvalidJob("search needs max_evaluations or max_seconds")
         if spec.dataset == "cifar10-jpeg" and not self.settings.cifar10_zip.is_file():
             raise InvalidJob(f"built-in data set cifar10-jpeg is not available on this server ({self.settings.cifar10_zip})")
-        stored: list[StoredUpload] = []
+        stored: list[tuple[StoredUpload, str]] = []
         try:
-            w = store_stream(weights.stream, weights.filename, "weights", self.settings)
-            stored.append(w)
-            with validation_slot(self.settings):  # it loads the whole file: a few at a time, whatever arrives
-                num_classes = validate_weights(spec.arch, w)
-            input_size = spec.image_size or (info.input_size if info.family == "cifar-resnet" else 32)
+            source, dense, num_classes = self._load_model(source, weights, model, stored)
+            w = stored[0][0]
+            inputs = model_inputs(source, spec.image_size, spec.mean, spec.std)
             dataset_path: str = "cifar10-jpeg"
             dataset_key = "cifar10-jpeg"
             if spec.dataset == "cifar10-jpeg" and num_classes != 10:
-                raise InvalidJob(f"cifar10-jpeg has 10 classes but the weights classify {num_classes}")
+                raise InvalidJob(f"cifar10-jpeg has 10 classes but the {stored[0][1]} {w.filename} classify {num_classes}")
             if dataset is not None:
                 d = store_stream(dataset.stream, dataset.filename, "dataset", self.settings)
-                stored.append(d)
-                validate_dataset_zip(d, self.settings, image_size=decode_size(spec.arch, spec.image_size))
+                stored.append((d, "dataset"))
+                validate_dataset_zip(d, self.settings, image_size=inputs.size)
                 classes = dataset_classes(d)
                 if len(classes) != num_classes:
                     raise InvalidJob(f"dataset {d.filename} has {len(classes)} class folder(s) with images "
-                                     f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}) but the weights "
-                                     f"{w.filename} classify {num_classes} classes")
+                                     f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}) but the "
+                                     f"{stored[0][1]} {w.filename} classify {num_classes} classes")
                 dataset_path, dataset_key = str(d.final), d.sha256
-            check_budget(spec, num_classes, input_size)
+            # the size jobs decode at: the model's or the user's, else CIFAR-10's native 32 (uploads: checked on the worker)
+            check_budget(spec, source, dense, num_classes, inputs.size or 32)
         except BaseException as exc:  # staged files are this request's own: drop them whatever went wrong
-            for up in stored:
+            for up, _ in stored:
                 discard(up)
             if not isinstance(exc, PrunePilotError) or isinstance(exc, (InvalidJob, NotFound)):
                 raise
             raise InvalidJob(str(exc)) from None
-        for up in stored:  # accepted: before the job row exists, so it never names a missing file
+        for up, _ in stored:  # accepted: before the job row exists, so it never names a missing file
             publish(up)
+        spec = spec.model_copy(update={"arch": source.ref})  # an ONNX upload is named by its content from here on
         job_id = uuid.uuid4().hex
+        # weights_path: the file that carries the weights (the ONNX file itself for an ONNX source)
         problem: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "weights_path": str(w.final), "weights_sha256": w.sha256,
                                    "dataset_path": dataset_path, "num_classes": num_classes}
         with session_scope(self.url) as s:
-            for up, kind in zip(stored, ("weights", "dataset"), strict=False):
+            for up, kind in stored:
                 repo.add_upload(s, sha256=up.sha256, kind=kind, path=str(up.final), size_bytes=up.size, filename=up.filename)
             job = repo.create_job(s, job_id=job_id, agent=spec.agent, arch=spec.arch,
                                   dataset=spec.dataset if spec.dataset != "upload" else f"upload:{dataset_key[:12]}",
@@ -213,6 +210,68 @@ class JobService:
             job.name = spec.name
             s.flush()
             return to_public(job)
+
+    def _load_model(self, source: ModelSource, weights: UploadedFile | None, model: UploadedFile | None,
+                    stored: list[tuple[StoredUpload, str]]) -> tuple[ModelSource, nn.Module, int]:
+        """Stage the model's file (appended to ``stored``) and load it as the worker will."""
+        if model is not None:
+            up = store_stream(model.stream, model.filename, "model", self.settings)
+            stored.append((up, "model"))
+            with validation_slot(self.settings):  # converts and runs the model: a few at a time
+                return validate_onnx(up, self.settings)
+        if weights is None:  # an inspection without weights: the structure is the same with random ones
+            dense = source.build()
+            return source, dense, classes_of(dense, source.default_input().size or 32)
+        up = store_stream(weights.stream, weights.filename, "weights", self.settings)
+        stored.append((up, "weights"))
+        with validation_slot(self.settings):  # it loads the whole file: a few at a time, whatever arrives
+            dense, num_classes = validate_weights(source, up)
+        return source, dense, num_classes
+
+    def inspect(self, spec: InspectCreate, weights: UploadedFile | None, model: UploadedFile | None) -> dict[str, Any]:
+        """The prunability report of the model (``POST /v1/inspect``); its uploads are never kept."""
+        from prunepilot.compression import measure_latency
+        from prunepilot.compression.inspect import estimate_evaluation_seconds, inspect_model
+
+        source = self._source(spec, weights, model, need_weights=False)
+        stored: list[tuple[StoredUpload, str]] = []
+        try:
+            source, dense, num_classes = self._load_model(source, weights, model, stored)
+            size = model_inputs(source, spec.image_size, spec.mean, spec.std).size or 32
+            with validation_slot(self.settings):  # traces, verifies and times the model
+                try:
+                    pruner = make_pruner(source, dense, num_classes, size, spec.constraints.to_engine())
+                except StrategyError as exc:
+                    raise InvalidJob(str(exc)) from None
+                dense_ms = measure_latency([dense], size, 1, threads=1, repeats=10)[0].median_ms
+                seconds = estimate_evaluation_seconds(pruner, threads=1) if pruner.layers else None
+                report = inspect_model(pruner, seconds_per_evaluation=seconds, evaluations=spec.evaluations, dense_latency_ms=dense_ms)
+            problems = report.below_floor(spec.budget) if spec.budget is not None else []
+        except PrunePilotError as exc:
+            raise exc if isinstance(exc, (InvalidJob, NotFound)) else InvalidJob(str(exc)) from None
+        finally:
+            for up, _ in stored:
+                discard(up)
+        return {**report.to_dict(), "budget_problems": problems}
+
+    @staticmethod
+    def _source(spec: ModelSpec, weights: UploadedFile | None, model: UploadedFile | None, need_weights: bool = True) -> ModelSource:
+        """The named source, checked against the files sent (an ONNX upload's is resolved once stored)."""
+        if model is not None:
+            if spec.arch != "onnx":
+                raise InvalidJob(f"a model file was sent (form field 'model'): set arch to 'onnx', not {spec.arch!r}")
+            if weights is not None:
+                raise InvalidJob("an ONNX model carries its own weights: send no 'weights' part with it")
+            return ModelSource(SourceKind.ONNX, "")
+        if spec.arch == "onnx" or spec.arch.startswith("onnx:"):
+            raise InvalidJob("arch 'onnx' needs the ONNX file in the request (form field 'model')")
+        try:
+            source = ModelSource.parse(spec.arch)
+        except UnknownArchitectureError as exc:
+            raise InvalidJob(f"arch: {exc}") from None
+        if weights is None and need_weights:
+            raise InvalidJob(f"arch {spec.arch!r} needs its weights in the request (form field 'weights': a state dict or safetensors file)")
+        return source
 
     # ------------------------------------------------------------------ read
 

@@ -84,7 +84,32 @@ class MeasureSpec(BaseModel):
     latency_batches: list[Annotated[int, Field(ge=1, le=4096)]] = Field(default=[1, 64], min_length=1, max_length=4)
 
 
-class JobCreate(BaseModel):
+class ModelSpec(BaseModel):
+    """The model and how it is fed: what ``POST /v1/jobs`` and ``POST /v1/inspect`` share."""
+
+    model_config = SPEC_CONFIG
+    arch: str = Field(max_length=200, description="the model: a built-in name from GET /v1/models, `timm:<name>`, `plugin:<name>` "
+                      "(each with a `weights` part), or `onnx` with the ONNX file as the `model` part (it carries its own weights)")
+    constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
+    image_size: int | None = Field(default=None, ge=8, le=1024,
+                                   description="input resolution: images are resized to it (default: the model's own fixed size, else the images' native size)")
+    mean: list[float] | None = Field(default=None, min_length=3, max_length=3,
+                                     description="per-channel (R, G, B) mean of the model's input normalization, on a 0-1 scale (default: the model's own, else ImageNet's)")
+    std: list[Annotated[float, Field(gt=0)]] | None = Field(default=None, min_length=3, max_length=3,
+                                                            description="per-channel (R, G, B) standard deviation, as `mean`")
+
+
+class InspectCreate(ModelSpec):
+    """The JSON part (``spec``) of ``POST /v1/inspect``."""
+
+    model_config = ConfigDict(**SPEC_CONFIG, json_schema_extra={"examples": [{
+        "arch": "resnet20", "budget": {"constraints": [{"resource": "flops", "ratio": 0.5}]}, "evaluations": 60}]})
+
+    budget: Budget | None = Field(default=None, description="say whether this budget is reachable")
+    evaluations: int = Field(default=60, ge=1, le=100_000, description="evaluations of the search to estimate the time of")
+
+
+class JobCreate(ModelSpec):
     """The JSON part (``spec``) of ``POST /v1/jobs``."""
 
     model_config = ConfigDict(**SPEC_CONFIG, json_schema_extra={"examples": [{
@@ -93,7 +118,6 @@ class JobCreate(BaseModel):
         "search": {"max_evaluations": 60}, "finetune": {"epochs": 1},
     }]})
 
-    arch: str = Field(description="architecture name from GET /v1/models")
     dataset: str = Field(default="cifar10-jpeg", description="cifar10-jpeg, or 'upload' with a dataset zip in the request")
     budget: Budget
     agent: str = Field(default="optuna-tpe", description="agent name from GET /v1/agents")
@@ -101,10 +125,8 @@ class JobCreate(BaseModel):
     search: SearchSpec = Field(default_factory=SearchSpec)
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
-    constraints: ConstraintsSpec = Field(default_factory=ConstraintsSpec)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
     criterion: str = Field(default="l2", description=f"channel importance: {', '.join(CRITERIA)}")
-    image_size: int | None = Field(default=None, ge=8, le=1024, description="resize uploaded images (default: native size)")
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="32 bits: Optuna's samplers seed a NumPy RandomState")
     name: str | None = Field(default=None, max_length=200)
 
@@ -222,3 +244,35 @@ class Health(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+class GroupPublic(BaseModel):
+    name: str = Field(description="the group's root layer")
+    type: str = Field(description="conv, depthwise-conv or linear")
+    channels: int
+    coupled: list[str] = Field(description="every conv / linear pruned with it")
+    macs: int = Field(description="MACs of the layers whose input or output channels the group prunes")
+    macs_share: float
+    max_ratio: float
+
+
+class BlockedPublic(BaseModel):
+    name: str
+    reason: str
+    group: list[str] = Field(description="the layers left whole with it")
+
+
+class InspectPublic(BaseModel):
+    """The prunability report (``POST /v1/inspect``, ``prunepilot inspect --json``)."""
+
+    arch: str
+    input_size: int
+    groups: list[GroupPublic]
+    blocked: list[BlockedPublic] = Field(description="layers left whole, and why")
+    dense: dict[str, float | None] = Field(description="macs, params, size_bytes, latency_ms (batch 1, timed on the API server)")
+    floors: dict[str, float] = Field(description="each resource's least reachable share of dense at the layer limits")
+    limits: dict[str, float]
+    verified: bool = Field(description="whether each layer's pruning plan was checked for exactness (every source but the built-ins)")
+    verify_seconds: float | None
+    time: dict[str, float | None] = Field(description="seconds_per_evaluation and search_seconds, estimated on the API server")
+    budget_problems: list[str] = Field(description="why the given budget cannot be met (empty: it can, or none was given)")

@@ -25,9 +25,11 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from PIL import Image
+from torch import nn
 
 from prunepilot.compression import DataError, PrunePilotError, WeightsError
 from prunepilot.compression.data import class_names, image_dimensions, is_image_name
+from prunepilot.compression.sources import ModelSource, SourceKind
 
 from .settings import Settings
 from .workspace import load_user_model
@@ -58,7 +60,7 @@ def store_stream(stream: BinaryIO, filename: str, kind: str, settings: Settings)
     digest = hashlib.sha256()
     size = 0
     # The suffix tells readers the format, so the staged file validates exactly as the published one reads.
-    suffix = ".safetensors" if filename.endswith(".safetensors") else (".zip" if kind == "dataset" else ".pt")
+    suffix = {"dataset": ".zip", "model": ".onnx"}.get(kind, ".safetensors" if filename.endswith(".safetensors") else ".pt")
     fd, tmp_name = tempfile.mkstemp(dir=settings.uploads_dir, prefix=".incoming-", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -69,7 +71,7 @@ def store_stream(stream: BinaryIO, filename: str, kind: str, settings: Settings)
                 digest.update(chunk)
                 out.write(chunk)
         if size == 0:
-            raise WeightsError(f"{kind} upload is empty") if kind == "weights" else DataError("dataset upload is empty")
+            raise DataError("dataset upload is empty") if kind == "dataset" else WeightsError(f"{kind} upload is empty")
         sha = digest.hexdigest()
         return StoredUpload(sha, Path(tmp_name), size, file_label(filename), settings.uploads_dir / f"{sha}{suffix}")
     except BaseException:
@@ -90,10 +92,23 @@ def validation_slot(settings: Settings) -> threading.BoundedSemaphore:
         return _slots.setdefault(n, threading.BoundedSemaphore(n))
 
 
-def validate_weights(arch: str, upload: StoredUpload) -> int:
-    """Load the weights into the architecture (safely); returns the number of classes."""
-    _, num_classes = load_user_model(arch, upload.path, source=upload.filename)
-    return num_classes
+def validate_weights(source: ModelSource, upload: StoredUpload) -> tuple[nn.Module, int]:
+    """Load the weights into the architecture (safely); the dense model and its number of classes."""
+    return load_user_model(source, upload.path, weights_name=upload.filename)
+
+
+def validate_onnx(upload: StoredUpload, settings: Settings) -> tuple[ModelSource, nn.Module, int]:
+    """Parse (protobuf: no code runs), convert and check an ONNX upload against ONNX Runtime.
+
+    The source names the staged file; its reference (``onnx:<sha256>``) is the same once published."""
+    from prunepilot.compression.onnx_io import check_against_onnxruntime, read_onnx
+
+    read_onnx(upload.path, max_bytes=settings.max_upload_bytes, source=upload.filename)
+    staged = ModelSource(SourceKind.ONNX, upload.sha256, upload.path)
+    dense, num_classes = load_user_model(staged, None)
+    size = staged.default_input().size or 32
+    check_against_onnxruntime(dense, upload.path, input_size=size)
+    return staged, dense, num_classes
 
 
 def dataset_classes(upload: StoredUpload) -> list[str]:

@@ -33,7 +33,7 @@ from .recorder import SqlTrialRecorder
 from .schemas import JobCreate
 from .settings import Settings
 from .storage import LocalArtifactStore
-from .workspace import open_session
+from .workspace import job_source, model_inputs, open_session
 
 log = logging.getLogger("prunepilot.worker")
 HEARTBEAT_S = 5.0
@@ -101,8 +101,9 @@ def _execute(job_id: str, me: str, problem: dict[str, Any], settings: Settings, 
     spec = JobCreate.model_validate(problem["spec"])
     config = spec.pipeline_config()
     torch.set_num_threads(max(1, int(settings.job_cpus)) if settings.job_cpus >= 1 else 1)
-    session = open_session(spec.arch, problem["weights_path"], problem["dataset_path"], settings, spec.constraints.to_engine(),
-                           spec.criterion, image_size=spec.image_size)
+    source = job_source(spec, problem)
+    session = open_session(source, None if source.carries_weights else problem["weights_path"], problem["dataset_path"], settings,
+                           spec.constraints.to_engine(), spec.criterion, inputs=model_inputs(source, spec.image_size, spec.mean, spec.std))
 
     def search_done(_: SearchResult) -> None:
         if not store.start_finetune(job_id, me):

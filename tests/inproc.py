@@ -33,6 +33,10 @@ class InProcessApi:
             files["dataset"] = (dataset_name, dataset if isinstance(dataset, bytes) else dataset.read_bytes())
         return self.client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files, headers=self.headers(who))
 
+    def post_files(self, path: str, spec: dict[str, Any], who: str = "alice", **files: tuple[str, bytes]):  # type: ignore[no-untyped-def]
+        """A multipart POST of ``spec`` and any named file parts (``model=("net.onnx", data)``)."""
+        return self.client.post(path, data={"spec": json.dumps(spec)}, files=files, headers=self.headers(who))
+
     @property
     def uploads(self) -> set[Path]:
         d = self.settings.uploads_dir

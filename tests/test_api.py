@@ -79,6 +79,30 @@ def test_submit_poll_download_and_load(server, alice: Client, mini_zip: Path, re
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+def test_an_onnx_model_end_to_end(server, alice: Client, mini_zip: Path, tmp_path: Path) -> None:
+    """The user's own network as an ONNX file with their data set: searched, fine-tuned, and handed
+    back as ONNX that ONNX Runtime runs, agreeing with the artifact rebuilt from the download."""
+    from helpers.onnx_models import export_net, make_net
+
+    net = export_net(make_net(), tmp_path / "my-net.onnx")
+    job = alice.submit(quick_spec(arch="onnx", finetune={"epochs": 0.1}), None, mini_zip, model=net)
+    done = alice.wait(job["id"], poll_s=0.3, timeout_s=300)
+    assert done["status"] == "succeeded", done["error"]
+    assert done["arch"].startswith("onnx:") and done["result"]["macs_ratio"] <= 0.5
+    onnx_file = alice.download(job["id"], tmp_path / "out")  # an ONNX source's default download is ONNX
+    assert onnx_file.name == "model.onnx"
+    bundle = alice.download(job["id"], tmp_path / "bundle", "state_dict")
+    assert (bundle / "source.onnx").read_bytes() == net.read_bytes()
+    model = load_artifact(bundle)
+    session = ort.InferenceSession(onnx_file.read_bytes(), providers=["CPUExecutionProvider"])
+    probe = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        want = model(probe).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0]
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+    assert count_macs(model, 32) == alice.report(job["id"])["figures"]["pruned"]["macs"]
+
+
 def test_latency_budget_is_checked_by_measurement(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
     """A latency job builds its table, searches by prediction, then times its best candidates
     against the dense model; the report says which it kept and what each measured."""

@@ -63,6 +63,35 @@ def test_profile_lists_prunable_layers(resnet20_weights: Path, cli_env) -> None:
     assert first["flops"] == 16 * 16 * 9 * 32 * 32
 
 
+def test_prune_an_onnx_model_to_a_budget(mini_zip: Path, tmp_path: Path, cli_env, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prune --model net.onnx --budget flops=0.5` writes OUT/model.onnx beside the artifact: the least
+    uniform pruning that meets the budget, as counted in the written ONNX graph itself."""
+    import onnxruntime as ort
+    from helpers.onnx_models import export_net, make_net
+
+    from prunepilot.compression.onnx_io import onnx_macs
+
+    net = export_net(make_net(), tmp_path / "net.onnx")
+    out = tmp_path / "out"
+    r = run_cli_here(capsys, monkeypatch, "prune", "--model", str(net), "--data", str(mini_zip), "--input-size", "32",
+                     "--budget", "flops=0.5", "--test-images", "100", "--out", str(out), env_extra=cli_env)
+    assert r.returncode == 0, r.stderr
+    assert "budget flops <= 50% of dense: every prunable layer pruned by" in r.stdout
+    assert "no fine-tuning (--finetune-epochs 0)" in r.stdout and "ONNX:" in r.stdout
+    kept = onnx_macs(out / "model.onnx") / onnx_macs(net)
+    assert 0.45 < kept <= 0.5
+    report = json.loads((out / "report.json").read_text())
+    assert report["arch"].startswith("onnx:") and report["macs_ratio"] == pytest.approx(kept, abs=1e-6)
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: torch.randn(2, 3, 32, 32).numpy()})[0].shape == (2, 10)
+
+    r = run_cli_here(capsys, monkeypatch, "inspect", "--model", str(net), "--budget", "flops=0.01", "--json", env_extra=cli_env)
+    assert r.returncode == 1 and "flops 0.01 is below the reachable floor" in r.stderr
+    body = json.loads(r.stdout)
+    assert body["verified"] and body["groups"] and body["blocked"][-1]["reason"] == "output layer (the classifier)"
+
+
 def test_prune_end_to_end(mini_zip: Path, resnet20_weights: Path, tmp_path: Path, cli_env) -> None:
     out = tmp_path / "out"
     # residual channels left whole: uniform 0.5 on the block-internal convs halves the MACs
@@ -89,7 +118,12 @@ def test_prune_end_to_end(mini_zip: Path, resnet20_weights: Path, tmp_path: Path
         (["--arch", "resnet20", "--uniform", "0.5", "--data", "/no/such/data"], "data not found"),
         (["--arch", "resnet20", "--uniform", "0.5", "--criterion", "random"], "unknown --criterion"),
         (["--arch", "resnet20", "--uniform", "0.5", "--exclude", "layer9.conv"], "cannot exclude layer9.conv: not a prunable layer"),
-        (["--arch", "resnet20"], "give exactly one of --uniform or --strategy"),
+        (["--arch", "resnet20"], "give exactly one of --budget, --uniform or --strategy"),
+        (["--arch", "resnet20", "--budget", "flops=0.5", "--uniform", "0.5"], "give exactly one of --budget, --uniform or --strategy"),
+        (["--arch", "resnet20", "--budget", "flops=0.01"], "the budget is below what the layer limits reach: flops can go down to"),
+        (["--arch", "resnet20", "--budget", "latency=2ms"], "a latency budget needs a latency table"),
+        (["--arch", "resnet20", "--uniform", "0.5", "--mean", "0.5,0.5"], "mean needs 3 values (R, G, B), got 2"),
+        (["--arch", "mynet.onnx", "--uniform", "0.5"], "ONNX file not found: mynet.onnx"),
     ],
 )
 def test_bad_input_exits_with_one_clear_line(args: list[str], message: str, resnet20_weights: Path, tmp_path: Path, cli_env,

@@ -9,6 +9,7 @@ import math
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,14 +76,14 @@ def test_rejection_racing_an_accepted_job_on_the_same_content_keeps_it(api, resn
     check_budget = jobs_module.check_budget
     accepted: list[str] = []
 
-    def alice_submits_meanwhile(spec_: JobCreate, num_classes: int, input_size: int) -> dict[str, float]:
+    def alice_submits_meanwhile(spec_: JobCreate, *args: Any) -> dict[str, float]:
         if not accepted:
             accepted.append("")  # before the nested submit, which checks its budget through this hook too
             with resnet20_weights.open("rb") as w, tiny_zip.open("rb") as d:
                 job = JobService(api.settings).submit(None, JobCreate.model_validate(spec()), UploadedFile(w, "w.th"),
                                                       UploadedFile(d, "d.zip"))
             accepted[0] = job.id
-        return check_budget(spec_, num_classes, input_size)
+        return check_budget(spec_, *args)
 
     monkeypatch.setattr(jobs_module, "check_budget", alice_submits_meanwhile)
     r = api.submit(spec(budget=INFEASIBLE), resnet20_weights, tiny_zip, who="bob")

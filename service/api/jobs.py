@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, File, Form, Path, Query, UploadFile, status
 from fastapi.responses import FileResponse, JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from prunepilot.compression import export_format
+from prunepilot.compression.artifacts import REPORT_FILE, SOURCE_FILE, SPEC_FILE, WEIGHTS_FILE, read_spec
 
 from ..db.lifecycle import JobStatus
 from ..jobs import InvalidJob, UploadedFile
@@ -46,7 +47,11 @@ def _depth(value: object) -> int:
     return deepest
 
 
-def _parse_spec(raw: str) -> JobCreate:
+SpecT = TypeVar("SpecT", bound=BaseModel)
+
+
+def _parse_spec(raw: str, schema: type[SpecT]) -> SpecT:
+    """A multipart ``spec`` part, parsed once into its schema; every problem is one 422 naming the field."""
     too_deep = InvalidJob(f"spec is nested more than {MAX_SPEC_DEPTH} levels deep")
     try:
         data = json.loads(raw)
@@ -57,7 +62,7 @@ def _parse_spec(raw: str) -> JobCreate:
     if _depth(data) > MAX_SPEC_DEPTH:
         raise too_deep
     try:
-        return JobCreate.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         msgs = [f"{'.'.join(str(p) for p in e['loc']) or 'spec'}: {e['msg']}" for e in exc.errors()]
         raise InvalidJob("invalid spec: " + "; ".join(msgs)) from None
@@ -66,20 +71,26 @@ def _parse_spec(raw: str) -> JobCreate:
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
              responses=responses(*AUTHED, 400, 413, 429),
              summary="Submit a pruning job",
-             description="Multipart form: `spec` (JSON, see JobCreate), `weights` (state dict or safetensors), "
+             description="Multipart form: `spec` (JSON, see JobCreate); the model as `weights` (state dict or safetensors for "
+                         "spec.arch a built-in, `timm:` or `plugin:` name) or as `model` (an ONNX file, with spec.arch 'onnx'); "
                          "optional `dataset` (ImageFolder zip, with spec.dataset = 'upload'). Answers 202 with the job's links.")
 def submit_job(
     jobs: JobsDep,
     principal: PrincipalDep,
     spec: Annotated[str, Form(description="JobCreate as JSON", examples=[json.dumps(JobCreate.model_config["json_schema_extra"]["examples"][0])])],
-    weights: Annotated[UploadFile, File(description="state dict (.pt/.th) or .safetensors")],
+    weights: Annotated[UploadFile | None, File(description="state dict (.pt/.th) or .safetensors (not with `model`)")] = None,
     dataset: Annotated[UploadFile | None, File(description="ImageFolder zip when spec.dataset is 'upload'")] = None,
+    model: Annotated[UploadFile | None, File(description="an ONNX file (opset >= 13, one image input) when spec.arch is 'onnx'")] = None,
 ) -> JSONResponse:
-    parsed = _parse_spec(spec)
-    job = jobs.submit(owner_of(principal), parsed, UploadedFile(weights.file, weights.filename or "weights"),
-                      UploadedFile(dataset.file, dataset.filename or "dataset.zip") if dataset is not None else None)
+    parsed = _parse_spec(spec, JobCreate)
+    job = jobs.submit(owner_of(principal), parsed, file_part(weights, "weights"), file_part(dataset, "dataset.zip"),
+                      file_part(model, "model.onnx"))
     body = JobAccepted(id=job.id, status=job.status, links=job.links)
     return JSONResponse(body.model_dump(mode="json"), status_code=202, headers={"Location": job.links.self})
+
+
+def file_part(upload: UploadFile | None, default_name: str) -> UploadedFile | None:
+    return UploadedFile(upload.file, upload.filename or default_name) if upload is not None else None
 
 
 @router.get("", response_model=Page[JobPublic], responses=ERRORS, summary="List your jobs")
@@ -119,15 +130,18 @@ def get_report(job_id: JobId, jobs: JobsDep, principal: PrincipalDep) -> dict:
 
 @router.get("/{job_id}/model", responses={**ERRORS, **responses(409), 200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
             summary="Download the pruned model",
-            description="`state_dict`: a zip of model.safetensors + spec.json + report.json (rebuild with "
-                        "prunepilot.compression.load_artifact); `pt2`: a torch.export program; `onnx`: an ONNX model.")
+            description="`state_dict`: a zip of model.safetensors + spec.json + report.json (+ source.onnx for an ONNX source; rebuild "
+                        "with prunepilot.compression.load_artifact); `pt2`: a torch.export program; `onnx`: an ONNX model, checked "
+                        "against the torch model in ONNX Runtime. Default: `onnx` for a job whose model was an ONNX file, else `state_dict`.")
 def get_model(job_id: JobId, jobs: JobsDep, principal: PrincipalDep,
-              format: Literal["state_dict", "pt2", "onnx"] = "state_dict") -> Response:  # noqa: A002 - the public query name
+              format: Literal["state_dict", "pt2", "onnx"] | None = None) -> Response:  # noqa: A002 - the public query name
     path = jobs.model_dir(owner_of(principal), job_id)
+    if format is None:
+        format = "onnx" if read_spec(path).source_file is not None else "state_dict"  # noqa: A001
     if format == "state_dict":
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-            for name in ("model.safetensors", "spec.json", "report.json"):
+            for name in (WEIGHTS_FILE, SPEC_FILE, REPORT_FILE, SOURCE_FILE):
                 if (path / name).is_file():
                     z.write(path / name, name)
         return Response(buf.getvalue(), media_type="application/zip",

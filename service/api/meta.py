@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 
 from prunepilot import __version__
 from prunepilot.agents import describe_agents
-from prunepilot.compression import architectures
+from prunepilot.compression.sources import available_models
 
 from ..db.engine import read_scope
 from ..schemas import AgentPublic, ArchPublic, Health
@@ -16,9 +16,11 @@ from .errors import responses
 router = APIRouter(tags=["meta"])
 
 
-@router.get("/v1/models", response_model=list[ArchPublic], responses=responses(401, 503), summary="Architectures in the zoo")
+@router.get("/v1/models", response_model=list[ArchPublic], responses=responses(401, 503), summary="Model sources",
+            description="Built-in architectures, installed plugins (`plugin:<name>`) and, where timm is installed, `timm:<name>`; "
+                        "an ONNX file is sent with a job instead (spec.arch 'onnx').")
 def list_models(principal: PrincipalDep) -> list[ArchPublic]:
-    return [ArchPublic(**a.__dict__) for a in architectures()]
+    return [ArchPublic(**a.__dict__) for a in available_models()]
 
 
 @router.get("/v1/agents", response_model=list[AgentPublic], responses=responses(401, 503), summary="Search agents")
