@@ -29,6 +29,7 @@ from torch.overrides import TorchFunctionMode
 
 from .cifar_resnet import CUSTOM_PRUNERS
 from .errors import StrategyError
+from .guard import WorkLimits, bounded
 from .measure import torch_threads
 
 # Ops whose channel arithmetic Torch-Pruning cannot see: a group passing through one of them
@@ -146,8 +147,11 @@ def trace_dependencies(model: nn.Module, example: torch.Tensor) -> tp.Dependency
 class PruningGraph:
     """Prunable layers, pruning plans and the analytic cost model of one architecture."""
 
-    def __init__(self, model: nn.Module, input_size: int, batch_size: int = 1, exclude: Collection[str] = ()) -> None:
-        """``exclude``: layers to leave whole, named by any conv/linear of their channel group."""
+    def __init__(self, model: nn.Module, input_size: int, batch_size: int = 1, exclude: Collection[str] = (),
+                 limits: WorkLimits | None = None) -> None:
+        """``exclude``: layers to leave whole, named by any conv/linear of their channel group;
+        ``limits``: time and memory the dependency search may take (``guard.WorkLimits``' defaults)
+        before the model is refused with :class:`guard.LimitExceeded`."""
         model = model.eval()
         self.input_size = input_size
         self.batch_size = batch_size
@@ -185,7 +189,16 @@ class PruningGraph:
                 assert isinstance(m, nn.modules.batchnorm._BatchNorm)  # _module_kind: only batch norm is left
                 self.costs[name] = _ModuleCost("bn", m.num_features, m.num_features, 0, 0, 1, m.affine)
 
-        dg = trace_dependencies(model, example)
+        with bounded("tracing the model's channel dependencies", limits):
+            self._build(model, order, shapes, names, example, exclude)
+
+    def _build(self, model: nn.Module, order: list[str], shapes: Mapping[str, tuple[tuple[int, ...], tuple[int, ...]]],
+               names: Mapping[nn.Module, str], example: torch.Tensor, exclude: Collection[str]) -> None:
+        """The dependency graph, the prunable layers and their plans (bounded: see ``limits``)."""
+        try:
+            dg = trace_dependencies(model, example)
+        except Exception as exc:  # noqa: BLE001 - Torch-Pruning's own failures (e.g. ZeroDivisionError on a channel shuffle)
+            raise StrategyError(f"Torch-Pruning cannot trace this model's channel dependencies ({_first_line(exc)})") from None
         output_layers = self._output_layers(order, shapes)
         self.layers: list[LayerInfo] = []
         self._plans: list[list[_Step]] = []

@@ -727,6 +727,20 @@ def check_against_onnxruntime(model: nn.Module, onnx_bytes_or_path: bytes | str 
 # ---------------------------------------------------------------------------------------------- export
 
 
+def _onnx2torch_export_compat() -> None:
+    """onnx2torch 1.5 reads the export opset from ``torch.onnx.symbolic_helper.GLOBALS``, which newer
+    torch no longer re-exports there: its Shape / Gather / Squeeze / Reduce modules then fail to
+    export with an AttributeError. Point onnx2torch at the module that still has it."""
+    from onnx2torch.utils import common
+
+    if hasattr(common.symbolic_helper, "GLOBALS") or hasattr(common.symbolic_helper, "_export_onnx_opset_version"):
+        return
+    with contextlib.suppress(ImportError):
+        from torch.onnx._internal.torchscript_exporter import symbolic_helper
+
+        common.symbolic_helper = symbolic_helper
+
+
 def export_onnx(model: nn.Module, dest: str | Path, *, input_size: int, channels: int = 3) -> Path:
     """``model`` as one self-contained ONNX file (dynamic batch), checked against ONNX Runtime.
 
@@ -735,6 +749,7 @@ def export_onnx(model: nn.Module, dest: str | Path, *, input_size: int, channels
     """
     from .artifacts import _TRACE_LOCK, _export_to
 
+    _onnx2torch_export_compat()
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
