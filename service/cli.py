@@ -146,6 +146,7 @@ def inspect(
     std: StdOpt = None,
     max_ratio: Annotated[float, typer.Option(help="largest ratio any layer may take")] = 0.8,
     exclude: Annotated[list[str] | None, typer.Option(help="a layer to leave whole (repeatable)")] = None,
+    latency: Annotated[bool, typer.Option("--latency", help="build (or reuse) this machine's latency table for the model and add the latency floor")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Prunability report before any search: prunable channel groups, layers left whole and why, the
@@ -158,7 +159,19 @@ def inspect(
     pruner = _pruner(m, PruningConstraints(max_ratio=max_ratio, exclude=tuple(exclude or ())))
     dense_ms = measure_latency([m.dense], m.size, 1, threads=settings.threads, repeats=10)[0].median_ms
     seconds = estimate_evaluation_seconds(pruner, threads=settings.threads) if pruner.layers else None
-    report = inspect_model(pruner, seconds_per_evaluation=seconds, evaluations=evaluations, dense_latency_ms=dense_ms)
+    table = None
+    if latency and pruner.layers:
+        from prunepilot.compression.latency import LatencyTable
+
+        from .db.migrate import ensure_current
+        from .latency_store import SqlLatencyStore
+
+        ensure_current(settings.db_url)
+        table = LatencyTable(pruner.graph, pruner.model, SqlLatencyStore(settings.db_url), 1, settings.threads)
+        table.build()
+        table.calibrate()
+    report = inspect_model(pruner, latency_table=table, seconds_per_evaluation=seconds, evaluations=evaluations,
+                           dense_latency_ms=dense_ms)
     problems = report.below_floor(Budget(constraints=[parse_constraint(b) for b in budget])) if budget else []
     if as_json:
         console.print_json(json.dumps({**report.to_dict(), "budget_problems": problems}))

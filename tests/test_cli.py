@@ -174,3 +174,7 @@ def test_latency_table_cli_measures_what_is_missing_then_reuses(tmp_path: Path, 
     assert all(measured[sig] > 0 for *_, sig in todo[:5])
     again = run_cli("latency", "build", "--arch", "resnet32", env_extra=cli_env)  # same layer signatures
     assert again.returncode == 0 and "(0 measured now)" in again.stdout
+    report = run_cli("inspect", "--model", "resnet20", "--latency", "--json", env_extra=cli_env)  # the stored table gives the floor
+    assert report.returncode == 0, report.stderr
+    floors = json.loads(report.stdout)["floors"]
+    assert 0 < floors["latency"] < 1 and set(floors) == {"flops", "params", "size", "latency"}

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,8 +69,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             yield api, key, db_url
         finally:
             api.stop()
-            worker.stop()
-            head.stop()
+            # the two Ray nodes wind down on their own (each up to a minute): in parallel, not one after the other
+            stoppers = [threading.Thread(target=node.stop) for node in (worker, head)]
+            for t in stoppers:
+                t.start()
+            for t in stoppers:
+                t.join()
 
 
 def test_job_runs_on_postgres_and_a_separate_ray_cluster(cluster, mini_zip: Path, resnet20_weights: Path) -> None:
