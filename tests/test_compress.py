@@ -76,19 +76,20 @@ def test_compress_refuses_what_it_cannot_use() -> None:
         prunepilot.compress(model, torch.randn(1, 3, 32, 32), "flops=0.5", _data(40, 0))
 
 
-def test_the_documented_example_runs(mini_zip: Path, tmp_path: Path) -> None:
-    """docs/examples/compress_example.py, as a user runs it (shortened)."""
-    import os
-    import subprocess
+def test_the_documented_example_runs(mini_zip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/examples/compress_example.py as a user runs it (shortened; in this process, as its own __main__)."""
+    import runpy
     import sys
 
     import onnxruntime as ort
 
     script = Path(__file__).resolve().parents[1] / "docs" / "examples" / "compress_example.py"
-    r = subprocess.run([sys.executable, str(script), "--data", str(mini_zip), "--out", str(tmp_path), "--agent", "random",
-                        "--evaluations", "2", "--finetune", "0"], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PRUNEPILOT_DATA_DIR": str(tmp_path / "data")})
-    assert r.returncode == 0, r.stderr
-    assert "MACs kept" in r.stdout and "pruned model:" in r.stdout
+    monkeypatch.setenv("PRUNEPILOT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(sys, "argv", [str(script), "--data", str(mini_zip), "--out", str(tmp_path), "--agent", "random",
+                                      "--evaluations", "2", "--finetune", "0"])
+    runpy.run_path(str(script), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "MACs kept" in out and "pruned model:" in out
     session = ort.InferenceSession(str(tmp_path / "pruned.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {session.get_inputs()[0].name: torch.randn(1, 3, 32, 32).numpy()})[0].shape == (1, 10)
