@@ -89,6 +89,11 @@ def check_budget(spec: JobCreate, source: ModelSource, model: nn.Module, num_cla
     return limits
 
 
+def _classifies(kind: str, filename: str) -> str:
+    """'weights w.th classify' / 'model net.onnx classifies': the upload that fixes the class count, by its own name."""
+    return f"{kind} {filename} " + ("classify" if kind == "weights" else "classifies")
+
+
 def problem_key(spec: JobCreate, weights_sha: str, dataset_key: str) -> str:
     """Jobs on the same model, data and budget share a key: the dashboard compares them."""
     blob = json.dumps({"arch": spec.arch, "inputs": [spec.image_size, spec.mean, spec.std], "weights": weights_sha, "data": dataset_key,
@@ -175,7 +180,7 @@ class JobService:
             dataset_path: str = "cifar10-jpeg"
             dataset_key = "cifar10-jpeg"
             if spec.dataset == "cifar10-jpeg" and num_classes != 10:
-                raise InvalidJob(f"cifar10-jpeg has 10 classes but the {stored[0][1]} {w.filename} classify {num_classes}")
+                raise InvalidJob(f"cifar10-jpeg has 10 classes but the {_classifies(stored[0][1], w.filename)} {num_classes}")
             if dataset is not None:
                 d = store_stream(dataset.stream, dataset.filename, "dataset", self.settings)
                 stored.append((d, "dataset"))
@@ -184,10 +189,11 @@ class JobService:
                 if len(classes) != num_classes:
                     raise InvalidJob(f"dataset {d.filename} has {len(classes)} class folder(s) with images "
                                      f"({', '.join(classes[:10])}{', ...' if len(classes) > 10 else ''}) but the "
-                                     f"{stored[0][1]} {w.filename} classify {num_classes} classes")
+                                     f"{_classifies(stored[0][1], w.filename)} {num_classes} classes")
                 dataset_path, dataset_key = str(d.final), d.sha256
             # the size jobs decode at: the model's or the user's, else CIFAR-10's native 32 (uploads: checked on the worker)
-            check_budget(spec, source, dense, num_classes, inputs.size or 32)
+            with validation_slot(self.settings):  # traces (and for a model we did not write, verifies) the model
+                check_budget(spec, source, dense, num_classes, inputs.size or 32)
         except BaseException as exc:  # staged files are this request's own: drop them whatever went wrong
             for up, _ in stored:
                 discard(up)
