@@ -80,12 +80,16 @@ def check_budget(spec: JobCreate, source: ModelSource, model: nn.Module, num_cla
         raise InvalidJob(str(exc)) from None
     limits = dict(checker.limits)
     if not checker.reachable():
+        from prunepilot.compression.inspect import inspect_model
+
         floor = checker.floor()
         parts = ", ".join(f"{r} can go down to {floor[r]:.1%} of dense" for r in limits)
+        report = inspect_model(pruner, verify=False)  # a verifying pruner's findings are in it already
+        blocked = "; ".join(f"{b.name}: {b.reason}" for b in report.blocked[:5]) + ("; ..." if len(report.blocked) > 5 else "")
         raise InvalidJob(f"budget {spec.budget.describe()} is infeasible under the layer limits "
-                         f"(max ratio {constraints.max_ratio}, first layer {constraints.first_layer_max_ratio}): {parts}"
-                         + (f"; {len(pruner.verify_failed)} layer(s) are left whole because pruning them would not be exact"
-                            if pruner.verify_failed else "") + " (POST /v1/inspect shows the prunable and blocked layers)")
+                         f"(max ratio {constraints.max_ratio}, first layer {constraints.first_layer_max_ratio}): {parts}. "
+                         f"Prunability: {len(report.groups)} prunable layers, {len(report.blocked)} left whole ({blocked}); "
+                         "POST /v1/inspect gives the whole report")
     return limits
 
 

@@ -61,6 +61,14 @@ def test_a_broken_onnx_file_is_refused_by_its_own_name(api, net_onnx: bytes, sma
     assert "Traceback" not in r.text and not api.uploads
 
 
+def test_a_budget_below_the_floor_is_refused_with_the_prunability_report(api, resnet20_weights: Path, small_zip: Path) -> None:
+    r = api.submit(quick_spec(budget={"constraints": [{"resource": "flops", "ratio": 0.05}]}), resnet20_weights, small_zip)
+    assert r.status_code == 422, r.text
+    detail = r.json()["detail"]
+    assert "flops can go down to 7.9% of dense" in detail
+    assert "Prunability: 12 prunable layers, 1 left whole (linear: output layer (the classifier)); POST /v1/inspect" in detail
+
+
 def test_inspect_reports_groups_blocked_layers_and_floors(api) -> None:
     r = api.post_files("/v1/inspect", {"arch": "resnet20", "budget": {"constraints": [{"resource": "flops", "ratio": 0.05}]}})
     assert r.status_code == 200, r.text
