@@ -146,7 +146,8 @@ class ModelSource:
                              _triple(getattr(b, "std", IMAGENET_STD), "std", positive=True))
         from .onnx_io import read_onnx_info
 
-        return InputSpec(read_onnx_info(self._onnx_file()).input_size)
+        onnx_info = read_onnx_info(self._onnx_file())
+        return InputSpec(onnx_info.input_size, channels=onnx_info.channels)
 
     def build(self, num_classes: int | None = None) -> nn.Module:
         """The dense model in eval mode: random weights, except an ONNX source's own."""

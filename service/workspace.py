@@ -60,8 +60,11 @@ def load_user_model(source: ModelSource, weights: str | Path | None, weights_nam
     if source.carries_weights:
         if weights is not None:
             raise WeightsError("an ONNX model carries its own weights: send no weights file with it")
+        declared = source.default_input()
+        if declared.channels != 3:
+            raise WeightsError(f"the model takes {declared.channels}-channel images; prunepilot's data sets are RGB (3 channels)")
         model = source.build()
-        return model, classes_of(model, source.default_input().size or 32)
+        return model, classes_of(model, declared.size or 32)
     if weights is None:
         raise WeightsError(f"{source.ref} needs weights (a state dict or safetensors file)")
     weights_name = weights_name or Path(weights).name

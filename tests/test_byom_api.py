@@ -106,3 +106,16 @@ def test_input_settings_are_checked(api, resnet20_weights: Path) -> None:
 def test_the_models_list_names_every_source(api) -> None:
     names = [m["name"] for m in api.client.get("/v1/models", headers=api.headers()).json()]
     assert "resnet20" in names and "timm:<name>" in names
+
+
+def test_a_model_that_is_not_rgb_is_refused_by_its_channel_count(api, tmp_path: Path, small_zip: Path) -> None:
+    import torch
+    from torch import nn
+
+    gray = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+    path = tmp_path / "gray.onnx"
+    torch.onnx.export(gray, (torch.randn(2, 1, 32, 32),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "batch"}})
+    r = api.post_files("/v1/jobs", onnx_spec(), model=("gray.onnx", path.read_bytes()), dataset=("data.zip", small_zip.read_bytes()))
+    assert r.status_code == 422, r.text
+    assert "the model takes 1-channel images; prunepilot's data sets are RGB (3 channels)" in r.json()["detail"]
