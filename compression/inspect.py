@@ -26,7 +26,7 @@ from .problem import UNITS, Budget
 from .pruning import Pruner
 from .resources import Resource, SizeModel, dense_values, within
 
-__all__ = ["GroupReport", "PrunabilityReport", "estimate_evaluation_seconds", "inspect_model"]
+__all__ = ["GroupReport", "PrunabilityReport", "estimate_evaluation_seconds", "inspect_model", "timed_report"]
 
 
 @dataclass(frozen=True)
@@ -240,3 +240,14 @@ def estimate_evaluation_seconds(pruner: Pruner, fidelity: Fidelity | None = None
     if fidelity.method == "short-finetune":
         images += 3 * fidelity.finetune_steps * batch
     return prune_s + per_image * images
+
+
+def timed_report(pruner: Pruner, evaluations: int, threads: int | None, latency_table: LatencyModel | None = None) -> PrunabilityReport:
+    """:func:`inspect_model` with this machine's figures: the dense model's batch-1 latency and the
+    estimated seconds per evaluation (what ``prunepilot inspect`` and ``POST /v1/inspect`` show)."""
+    from .measure import measure_latency
+
+    dense_ms = measure_latency([pruner.model], pruner.input_size, 1, threads=threads, repeats=10)[0].median_ms
+    seconds = estimate_evaluation_seconds(pruner, threads=threads) if pruner.layers else None
+    return inspect_model(pruner, latency_table=latency_table, seconds_per_evaluation=seconds, evaluations=evaluations,
+                         dense_latency_ms=dense_ms)

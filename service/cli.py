@@ -151,14 +151,12 @@ def inspect(
 ) -> None:
     """Prunability report before any search: prunable channel groups, layers left whole and why, the
     reachable floor of each resource, dense figures, and the time a search would take here."""
-    from prunepilot.compression import Budget, measure_latency, parse_constraint
-    from prunepilot.compression.inspect import estimate_evaluation_seconds, inspect_model
+    from prunepilot.compression import Budget, parse_constraint
+    from prunepilot.compression.inspect import timed_report
 
     settings = get_settings()
     m = _open_model(model, weights, input_size, mean, std)
     pruner = _pruner(m, PruningConstraints(max_ratio=max_ratio, exclude=tuple(exclude or ())))
-    dense_ms = measure_latency([m.dense], m.size, 1, threads=settings.threads, repeats=10)[0].median_ms
-    seconds = estimate_evaluation_seconds(pruner, threads=settings.threads) if pruner.layers else None
     table = None
     if latency and pruner.layers:
         from prunepilot.compression.latency import LatencyTable
@@ -170,8 +168,7 @@ def inspect(
         table = LatencyTable(pruner.graph, pruner.model, SqlLatencyStore(settings.db_url), 1, settings.threads)
         table.build()
         table.calibrate()
-    report = inspect_model(pruner, latency_table=table, seconds_per_evaluation=seconds, evaluations=evaluations,
-                           dense_latency_ms=dense_ms)
+    report = timed_report(pruner, evaluations, settings.threads, latency_table=table)
     problems = report.below_floor(Budget(constraints=[parse_constraint(b) for b in budget])) if budget else []
     if as_json:
         console.print_json(json.dumps({**report.to_dict(), "budget_problems": problems}))

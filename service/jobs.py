@@ -240,8 +240,7 @@ class JobService:
 
     def inspect(self, spec: InspectCreate, weights: UploadedFile | None, model: UploadedFile | None) -> dict[str, Any]:
         """The prunability report of the model (``POST /v1/inspect``); its uploads are never kept."""
-        from prunepilot.compression import measure_latency
-        from prunepilot.compression.inspect import estimate_evaluation_seconds, inspect_model
+        from prunepilot.compression.inspect import timed_report
 
         source = self._source(spec, weights, model, need_weights=False)
         stored: list[tuple[StoredUpload, str]] = []
@@ -253,9 +252,7 @@ class JobService:
                     pruner = make_pruner(source, dense, num_classes, size, spec.constraints.to_engine())
                 except StrategyError as exc:
                     raise InvalidJob(str(exc)) from None
-                dense_ms = measure_latency([dense], size, 1, threads=1, repeats=10)[0].median_ms
-                seconds = estimate_evaluation_seconds(pruner, threads=1) if pruner.layers else None
-                report = inspect_model(pruner, seconds_per_evaluation=seconds, evaluations=spec.evaluations, dense_latency_ms=dense_ms)
+                report = timed_report(pruner, spec.evaluations, threads=1)
             problems = report.below_floor(spec.budget) if spec.budget is not None else []
         except PrunePilotError as exc:
             raise exc if isinstance(exc, (InvalidJob, NotFound)) else InvalidJob(str(exc)) from None
