@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
+import torch
+import torch.nn as nn
 from pydantic import TypeAdapter, ValidationError
 
-from prunepilot.compression import Evaluator, Fidelity, Metrics, PrunePilotError, Strategy
+from prunepilot.compression import Evaluator, Fidelity, LatencyModel, Metrics, PrunePilotError, Strategy
 from prunepilot.compression.budget import BudgetChecker
+from prunepilot.compression.evaluate import EvalData
 from prunepilot.compression.resources import within
 from prunepilot.compression.strategy import from_vector, to_vector
 
@@ -198,6 +201,56 @@ class SearchContext:
             raise PrunePilotError(f"budget is infeasible under the layer limits: even the largest allowed ratio in every layer "
                                   f"gives {detail}")
 
+    # ------------------------------------------------------------------ the problem (read-only views)
+    # Agents see the model and its costs through these, never through the evaluator: what the
+    # evaluator caches, how it times itself and which fidelity it applies stay its own.
+
+    @property
+    def channels(self) -> np.ndarray:
+        """Dense output channels of each prunable layer, in depth order."""
+        return self.pruner.graph.channels
+
+    @property
+    def importance(self) -> list[np.ndarray]:
+        """Per-layer channel importance scores (the pruner's criterion), in depth order."""
+        return self.pruner.scores
+
+    def kept(self, ratios: np.ndarray) -> np.ndarray:
+        """Channels each layer keeps under ``ratios`` (the constraints' rounding applied)."""
+        return self.pruner.kept_from_vector(ratios)
+
+    def costs(self, kept: np.ndarray) -> dict[str, float]:
+        """Each resource as a share of dense for a network keeping ``kept`` channels per layer."""
+        return self.evaluator.resources(kept)
+
+    @property
+    def predicts_latency(self) -> bool:
+        """Whether latency comes from a lookup table (so a measured check can disagree with it)."""
+        return self.evaluator.latency_model is not None
+
+    @property
+    def latency_model(self) -> LatencyModel | None:
+        """The lookup table that predicts latency (None without a latency budget)."""
+        return self.evaluator.latency_model
+
+    def eval_data(self) -> EvalData:
+        """The validation (and calibration) images this search's fidelity uses."""
+        return self.evaluator.data(self.fidelity or self.evaluator.fidelity)
+
+    @property
+    def device(self) -> torch.device:
+        """The compute device the evaluator runs models on; an agent that trains its own networks uses it too."""
+        return self.evaluator.device
+
+    def network_metrics(self, model: nn.Module, kept: np.ndarray, accuracy: float, label: str) -> Metrics:
+        """Metrics of a network the agent built itself (NetAdapt's fine-tuned proposals): its
+        accuracy as measured by the agent, its costs as the evaluator counts every network's."""
+        return self.evaluator.metrics_for(model, kept, accuracy, label)
+
+    def evaluation_seconds(self) -> tuple[float, float]:
+        """(forward-pass seconds, total evaluation seconds) spent by the evaluator so far."""
+        return self.evaluator.forward_seconds, self.evaluator.total_seconds
+
     # ------------------------------------------------------------------ budget (see compression.budget)
 
     def resources(self, ratios: np.ndarray) -> dict[str, float]:
@@ -211,6 +264,11 @@ class SearchContext:
 
     def fill(self, ratios: np.ndarray) -> np.ndarray:
         return self.budget.fill(ratios)
+
+    def project_within(self, shape: np.ndarray, **limits: float) -> np.ndarray | None:
+        """``project`` onto this search's limits with some replaced (a limit tightened after a
+        measurement disagreed with its prediction)."""
+        return BudgetChecker(self.evaluator, {**self.limits, **limits}).project(shape)
 
     # ------------------------------------------------------------------ evaluation
 

@@ -260,16 +260,16 @@ class AMCAgent(Agent):
         ctx.fast_forward()
         remaining = episodes - ctx.step if ctx.search.max_evaluations is not None else 10**9
         overhead_start = time.perf_counter()
-        forward_before = ctx.evaluator.forward_seconds
-        eval_before = ctx.evaluator.total_seconds
+        forward_before, eval_before = ctx.evaluation_seconds()
         if remaining > 0 and not ctx.exhausted():
             model.learn(total_timesteps=remaining * n_layers, callback=_EpisodeHook(self, ctx), reset_num_timesteps=False)
         wall = time.perf_counter() - overhead_start
-        eval_s = ctx.evaluator.total_seconds - eval_before
+        forward_after, eval_after = ctx.evaluation_seconds()
+        eval_s = eval_after - eval_before
         return ctx.result(
             episodes=self.episode, recipe=self.recipe_name, warmup=self.warmup, sigma_final=model.sigma, decay=self.decay,
             agent_overhead_s=max(0.0, wall - eval_s), evaluation_s=eval_s,
-            forward_share=(ctx.evaluator.forward_seconds - forward_before) / wall if wall > 0 else None,
+            forward_share=(forward_after - forward_before) / wall if wall > 0 else None,
             seconds=time.perf_counter() - started,
         )
 

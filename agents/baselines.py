@@ -58,8 +58,8 @@ class GlobalAgent(Agent):
     description = "global importance ranking across layers, threshold searched to meet the budget"
 
     def explore(self, ctx: SearchContext) -> SearchResult:
-        scores = [np.asarray(s, dtype=np.float64) / max(float(np.mean(s)), 1e-12) for s in ctx.pruner.scores]
-        channels = ctx.pruner.graph.channels
+        scores = [np.asarray(s, dtype=np.float64) / max(float(np.mean(s)), 1e-12) for s in ctx.importance]
+        channels = ctx.channels
 
         def ratios_at(threshold: float) -> np.ndarray:
             r = np.array([(s < threshold).sum() / c for s, c in zip(scores, channels, strict=True)])

@@ -18,8 +18,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from prunepilot.compression.budget import BudgetChecker
-from prunepilot.compression.measure import measure_pair
+from prunepilot.compression.backends import TorchBackend, measure_pair
 
 from ._base import SearchContext, SearchResult, TrialRecord
 
@@ -38,19 +37,20 @@ class LatencyCheck:
 
 
 def measured_share(ctx: SearchContext, model: nn.Module) -> float:
-    """``model``'s latency as a share of dense at the table's batch size: the two timed
-    interleaved in three rounds, median ratio (one burst of load elsewhere cannot decide it)."""
-    table = ctx.evaluator.latency_model
+    """``model``'s latency as a share of dense at the table's batch size, on the table's backend (the
+    runtime and device the table was measured on): the two timed interleaved in three rounds, median
+    ratio (one burst of load elsewhere cannot decide it)."""
+    table = ctx.latency_model
     batch, threads = int(getattr(table, "batch_size", 1)), getattr(table, "threads", None)
-    dense, mine = measure_pair(ctx.pruner.model, model, ctx.pruner.input_size, batch, threads, warmup=5, repeats=60)
+    backend = getattr(table, "backend", None) or TorchBackend(threads)
+    dense, mine = measure_pair(backend, ctx.pruner.model, model, ctx.pruner.input_size, batch, threads, warmup=5, repeats=60)
     return mine.median_ms / dense.median_ms
 
 
 def applies(ctx: SearchContext, result: SearchResult) -> bool:
     """Only for a latency budget predicted by a table, and not for an agent that already checked
     its own network against measurement (NetAdapt returns that network)."""
-    return ("latency" in ctx.limits and getattr(ctx.evaluator, "latency_model", None) is not None
-            and result.best is not None and result.model is None)
+    return "latency" in ctx.limits and ctx.predicts_latency and result.best is not None and result.model is None
 
 
 def candidates(trials: list[TrialRecord], count: int) -> list[TrialRecord]:
@@ -109,7 +109,7 @@ def check_measured_latency(ctx: SearchContext, result: SearchResult, count: int 
         last = checks[0]
         for r in range(rounds):
             internal = last.predicted * limit / last.measured
-            ratios = BudgetChecker(ctx.evaluator, {**ctx.limits, "latency": internal}).project(shape)
+            ratios = ctx.project_within(shape, latency=internal)
             if ratios is None:  # the profile cannot shrink further within the layer limits
                 break
             trial = ctx.evaluate(ratios, kind="latency-check", extra={"round": r, "internal_limit": internal,

@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from prunepilot.compression import FinetuneConfig, Metrics, PrunePilotError, Pruner, PruningConstraints, finetune
-from prunepilot.compression.evaluate import EvalData, accuracy, recalibrate_batchnorm
+from prunepilot.compression.compute_device import exact_float32, inference_batch, place, resolve_device
+from prunepilot.compression.evaluate import EvalData, accuracy_on, recalibrate_batchnorm
 from prunepilot.compression.resources import exceeded
 from prunepilot.compression.spec import ArchSpec, build_from_spec
 
@@ -63,6 +64,7 @@ class _Shared:
     seed: int
     exclude: tuple[str, ...] = ()
     reference_widths: dict[str, dict[str, int]] | None = None  # the dense model's (specs are relative to it)
+    device: str = "cpu"  # the job's compute device; under Ray, "cuda" is the GPU the proposal's task was given
 
 
 @dataclass
@@ -84,12 +86,16 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
     kept_here = np.array(shared.current_kept)
     kept_here[prop.layer] = prop.kept[prop.layer]
     pruned = pruner.prune_kept(kept_here)
-    net = pruned.model.to(memory_format=torch.channels_last)
-    recalibrate_batchnorm(net, shared.data.calib_x)
+    device = resolve_device(shared.device)
+    net = place(pruned.model, device)
+    data = shared.data.on(device)
+    with exact_float32(device):
+        recalibrate_batchnorm(net, data.calib_x)
     cfg = FinetuneConfig(steps=shared.steps, lr=shared.lr, batch_size=shared.batch_size, warmup_fraction=0.1, seed=shared.seed)
-    finetune(net, shared.data.train, shared.data.normalizer, cfg)
-    acc = accuracy(net, shared.data.val_x, shared.data.val_y)
-    weights = {k: v.detach().contiguous().clone() for k, v in net.state_dict().items()}
+    finetune(net, data.train, data.normalizer, cfg, device=device)
+    with exact_float32(device):
+        acc = accuracy_on(net, data.val, data.normalizer, inference_batch(device, 128))
+    weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
     return acc, weights, pruned.spec.to_dict(), time.perf_counter() - t0
 
 
@@ -107,8 +113,9 @@ class NetAdaptAgent(Agent):
         steps = int(opts.get("short_steps", 20))
         lr = float(opts.get("lr", 0.01))
         batch = int(opts.get("batch_size", 64))
-        fidelity = ctx.fidelity or ctx.evaluator.fidelity
-        data = ctx.evaluator.data(fidelity)
+        data = ctx.eval_data()
+        # what a host's map puts in its object store travels as CPU tensors; in this process it stays on the device
+        shipped = data if ctx.env.map is None else data.on(torch.device("cpu"))
         pruner = ctx.pruner
         dense_channels = pruner.graph.channels
         min_kept = pruner.kept_from_vector(ctx.max_ratios)
@@ -125,7 +132,7 @@ class NetAdaptAgent(Agent):
         # disagree at the end, tighten the internal limit by the measured overshoot and go on.
         self._limits = dict(ctx.limits)
         verify = ("latency" in ctx.limits and bool(opts.get("verify_latency", True))
-                  and getattr(ctx.evaluator, "latency_model", None) is not None)
+                  and ctx.predicts_latency)
         final = None
         checks = 0
         while True:
@@ -133,7 +140,7 @@ class NetAdaptAgent(Agent):
                 if not verify or checks >= 3 or ctx.exhausted():
                     break
                 measured = measured_share(ctx, model)
-                predicted = ctx.evaluator.resources(kept)["latency"]
+                predicted = ctx.costs(kept)["latency"]
                 history.append({"iteration": iteration, "check": checks, "predicted_latency": predicted, "measured_latency": measured})
                 checks += 1
                 if measured <= ctx.limits["latency"] * 1.01:
@@ -158,8 +165,8 @@ class NetAdaptAgent(Agent):
             first = ctx.step
             todo = [j for j in range(len(props)) if not ctx.is_recorded(first + j)]
             shared = _Shared(spec.to_dict(), {k: v.detach().clone() for k, v in model.state_dict().items()},
-                             [int(k) for k in kept], data, steps, lr, batch, ctx.seed + iteration, pruner.constraints.exclude,
-                             pruner.reference_widths)
+                             [int(k) for k in kept], shipped, steps, lr, batch, ctx.seed + iteration, pruner.constraints.exclude,
+                             pruner.reference_widths, str(ctx.device))
             outputs = dict(zip(todo, ctx.map(run_proposal, shared, [props[j] for j in todo]), strict=True))
             trials = []
             for j, prop in enumerate(props):
@@ -168,7 +175,7 @@ class NetAdaptAgent(Agent):
                 def metrics_of(_vec: np.ndarray, out=out, prop=prop) -> Metrics:
                     acc, weights, new_spec, secs = out
                     net = build_from_spec(ArchSpec.from_dict(new_spec), weights)
-                    m = ctx.evaluator.metrics_for(net, np.array(prop.kept), acc, f"netadapt/short-ft={steps}")
+                    m = ctx.network_metrics(net, np.array(prop.kept), acc, f"netadapt/short-ft={steps}")
                     m.wall_time_s = secs
                     return m
 
@@ -202,12 +209,12 @@ class NetAdaptAgent(Agent):
 
     def _within(self, ctx: SearchContext, kept: np.ndarray, limits: dict[str, float] | None = None) -> bool:
         """Within the internal limits (tightened by latency checks), or within ``limits``."""
-        res = ctx.evaluator.resources(kept)
+        res = ctx.costs(kept)
         return not exceeded(res, limits or self._limits)
 
     def _target(self, ctx: SearchContext, kept: np.ndarray, iteration: int) -> tuple[str, float]:
         """The most-overshot resource drives this iteration; its target shrinks by a decaying step."""
-        res = ctx.evaluator.resources(kept)
+        res = ctx.costs(kept)
         resource = max(self._limits, key=lambda r: res[r] / self._limits[r])
         reduction = self.initial * self.decay**iteration
         return resource, max(self._limits[resource], res[resource] - reduction)
@@ -218,7 +225,7 @@ class NetAdaptAgent(Agent):
             if kept[i] > min_kept[i]:
                 k = kept.copy()
                 k[i] = min_kept[i]
-                value = ctx.evaluator.resources(k)[resource]
+                value = ctx.costs(k)[resource]
                 best = value if best is None else min(best, value)
         return best
 
@@ -232,7 +239,7 @@ class NetAdaptAgent(Agent):
             def value(n: int, i: int = i) -> float:
                 k = kept.copy()
                 k[i] -= n
-                return ctx.evaluator.resources(k)[resource]
+                return ctx.costs(k)[resource]
 
             if value(room) > target:
                 continue  # this layer alone cannot meet the target

@@ -13,6 +13,7 @@ or all three at once with :func:`run_pipeline`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,9 @@ from typing import Any
 import torch
 
 from prunepilot.compression import Budget, DataSplits, Evaluator, Fidelity, FinetuneConfig, PrunePilotError, Pruner, finalize
+from prunepilot.compression.backends import LatencyBackend, LatencyTarget, local_backend
+from prunepilot.compression.compute_device import GPU_EVAL_BATCH
+from prunepilot.compression.compute_device import describe as describe_device
 from prunepilot.compression.finalize import FinalResult
 from prunepilot.compression.latency import LatencyStore, LatencyTable
 from prunepilot.compression.resources import dense_values
@@ -53,6 +57,7 @@ class PipelineConfig:
     fidelity: Fidelity = field(default_factory=Fidelity)
     final: FinalConfig = field(default_factory=FinalConfig)
     seed: int = 0
+    target: LatencyTarget = field(default_factory=LatencyTarget)  # where latency is measured (table and check)
 
 
 @dataclass
@@ -66,7 +71,8 @@ class PipelineHooks:
     its results); ``should_stop`` is polled while a table is built; ``on_search_done`` runs between
     the search and fine-tuning (the worker moves the job to 'finetuning' there); ``on_finetune_step``
     sees every fine-tune step and may raise to cancel; ``score`` replaces validation accuracy as the
-    search's objective."""
+    search's objective; ``device`` is the compute device every model runs on (the host's choice, like
+    ``threads``: ``PRUNEPILOT_DEVICE``, ``prune --device``, ``compress(device=)``), not the latency target."""
 
     recorder: TrialRecorder | None = None
     env: SearchEnv = field(default_factory=SearchEnv)
@@ -79,6 +85,9 @@ class PipelineHooks:
     on_search_done: Callable[[SearchResult], None] | None = None
     on_finetune_step: StepHook | None = None
     score: Callable[[torch.nn.Module], float] | None = None  # the user's metric instead of accuracy (prunepilot.compress)
+    latency_backend: LatencyBackend | None = None  # None: the local backend the job's target names (a remote device: the host's)
+    device: str | torch.device = "cpu"  # compute device: auto, cpu, cuda, cuda:N (compression/compute_device.py)
+    gpu_eval_batch: int = GPU_EVAL_BATCH  # inference batch on a GPU (validation, test)
 
 
 @dataclass
@@ -88,6 +97,7 @@ class Prepared:
     evaluator: Evaluator
     limits: dict[str, float]
     table: LatencyTable | None
+    backend: str | None = None  # the latency backend the table was measured on (None: no table)
 
 
 @dataclass
@@ -101,20 +111,48 @@ def _threads(hooks: PipelineHooks) -> int:
     return hooks.threads or torch.get_num_threads()
 
 
+def latency_backend(config: PipelineConfig, hooks: PipelineHooks) -> LatencyBackend:
+    """The backend the job's latency is measured on: the caller's, else the local one its target names."""
+    if hooks.latency_backend is not None:
+        return hooks.latency_backend
+    if config.target.device is not None:
+        raise PrunePilotError(f"latency target device {config.target.device!r} is measured through the service's device agents; "
+                              "this run has none")
+    return local_backend(config.target.backend, _threads(hooks))
+
+
 def prepare(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: PipelineHooks) -> Prepared:
-    """Latency table (for a latency budget), the evaluator and the budget as ratios of dense."""
+    """Latency table (for a latency budget, or for measured channel steps), the evaluator and the
+    budget as ratios of dense. A latency budget the table says pruning cannot reach (the floor, or
+    no speedup at all on this target) fails here, before any search."""
+    from prunepilot.compression.inspect import latency_problems
+
     table = hooks.latency_table
     latency = config.budget.get("latency")
-    if latency is not None and table is None:
+    measured_steps = pruner.constraints.round_to == "measured"
+    if (latency is not None or measured_steps) and table is None:
         if hooks.latency_store is None:
-            raise PrunePilotError("a latency budget needs a latency store for its lookup table")
-        table = LatencyTable(pruner.graph, pruner.model, hooks.latency_store, latency.batch_size, _threads(hooks))
+            raise PrunePilotError("a latency budget (or round_to='measured') needs a latency store for its lookup table")
+        batch = latency.batch_size if latency is not None else 1
+        table = LatencyTable(pruner.graph, pruner.model, hooks.latency_store, batch, _threads(hooks), backend=latency_backend(config, hooks))
         table.build(should_stop=hooks.should_stop)
-        table.calibrate()
-    evaluator = Evaluator(pruner, splits, config.fidelity, latency_model=table, metric=hooks.score)
+        if latency is not None:
+            table.calibrate()
+    backend_name = table.backend.name if table is not None else None
+    if measured_steps and table is not None and pruner.constraints.steps is None:
+        lowest = pruner.constraints.lowest_vector(pruner.graph.channels)
+        pruner.constraints = dataclasses.replace(pruner.constraints, steps=table.channel_steps(lowest))
+    if latency is None:
+        table = None  # built for the channel steps only: no latency budget to predict
+    elif table is not None:
+        problems = latency_problems(pruner, table, config.budget)
+        if problems:
+            raise PrunePilotError("; ".join(problems))
+    evaluator = Evaluator(pruner, splits, config.fidelity, latency_model=table, metric=hooks.score, device=hooks.device,
+                          gpu_eval_batch=hooks.gpu_eval_batch)
     g = pruner.graph
     dense = dense_values(g.dense_macs, g.dense_params, evaluator.size_model, table.dense_ms if table is not None else None)
-    return Prepared(pruner, splits, evaluator, config.budget.ratio_limits(dense), table)
+    return Prepared(pruner, splits, evaluator, config.budget.ratio_limits(dense), table, backend_name)
 
 
 def search(prepared: Prepared, config: PipelineConfig, hooks: PipelineHooks, agent_name: str | None = None) -> tuple[SearchContext, SearchResult]:
@@ -135,7 +173,8 @@ def finish(pruner: Pruner, splits: DataSplits, strategy: Mapping[str, float], co
     return finalize(pruner, splits, strategy, config.finetune, finetune_dense=config.finetune_dense,
                     test_images=config.test_images, latency_batches=config.latency_batches, threads=_threads(hooks),
                     on_step=hooks.on_finetune_step, initial_model=initial_model,
-                    checkpoint_dir=hooks.state_dir / "finetune" if hooks.state_dir is not None else None)
+                    checkpoint_dir=hooks.state_dir / "finetune" if hooks.state_dir is not None else None, device=hooks.device,
+                    gpu_eval_batch=hooks.gpu_eval_batch)
 
 
 def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, final: FinalResult, arch: str) -> dict[str, Any]:
@@ -144,6 +183,7 @@ def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, fin
     out: dict[str, Any] = {
         "arch": arch, "agent": config.agent, "budget": config.budget.describe(), "limits": prepared.limits,
         "data": prepared.splits.describe(),
+        "compute_device": describe_device(prepared.evaluator.device),
         "search": {"evaluations": result.trials, "seconds": result.seconds, "best_step": best.step,
                    "best_search_accuracy": best.accuracy, "fidelity": prepared.evaluator.fidelity_tag(),
                    "pareto_steps": [t.step for t in result.pareto],
@@ -153,6 +193,13 @@ def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, fin
     }
     if prepared.table is not None:
         out["latency_table"] = prepared.table.summary()
+    out["latency_target"] = {**config.target.describe(), "measured_on": prepared.backend}
+    constraints = prepared.pruner.constraints
+    if constraints.round_to == "measured" and constraints.steps is not None:
+        lowest = constraints.lowest_vector(prepared.pruner.graph.channels)
+        out["channel_steps"] = {name: {"efficient_counts": len(steps), "of": int(c - lo + 1)} for name, steps, c, lo in
+                                zip(prepared.pruner.layer_names, constraints.steps, prepared.pruner.graph.channels, lowest, strict=True)
+                                if len(steps) < c - lo + 1}  # the layers whose counts are snapped
     return out
 
 

@@ -83,7 +83,8 @@ def bench_throughput() -> None:
         for s in strategies:
             ev.evaluate(s)
         t_eval = time.perf_counter() - t0
-        plain_val = data.val_x.contiguous()
+        val = data.val.load()
+        plain_val, val_y = data.normalizer(val.images).contiguous(), val.labels
         plain_cal = data.calib_x.contiguous()
         t0 = time.perf_counter()
         for s in strategies:
@@ -100,7 +101,7 @@ def bench_throughput() -> None:
             correct = 0
             with torch.no_grad():
                 for i in range(0, len(plain_val), 128):
-                    correct += int((model(plain_val[i:i + 128]).argmax(1) == data.val_y[i:i + 128]).sum())
+                    correct += int((model(plain_val[i:i + 128]).argmax(1) == val_y[i:i + 128]).sum())
         t_plain = time.perf_counter() - t0
         images = len(strategies) * (len(plain_val) + len(plain_cal))
         out[arch] = {"evaluator_s_per_eval": t_eval / 5, "plain_s_per_eval": t_plain / 5,
@@ -230,9 +231,10 @@ def bench_fidelity(n: int = 12, epochs: float = 1.0) -> None:
 
 def _store_writer(url: str, job_id: str, n: int, out) -> None:  # type: ignore[no-untyped-def]
     from prunepilot.agents import TrialRecord
+    from prunepilot.service.db.store import JobStore
     from prunepilot.service.recorder import SqlTrialRecorder
 
-    rec = SqlTrialRecorder(url, job_id)
+    rec = SqlTrialRecorder(JobStore(url), job_id)
     strategy = {f"layer{i}.conv1": 0.5 for i in range(27)}
     metrics = {"accuracy": 0.5, "macs_ratio": 0.5, "params_ratio": 0.5, "size_ratio": 0.5, "latency_ms": None,
                "kept": [16] * 27, "fidelity": "adaptive-bn", "wall_time_s": 1.0}

@@ -1,10 +1,15 @@
 """Latency lookup table: build cost and prediction error against measured end-to-end latency.
 
-For each model, builds (or reuses) the table, then for 20 random strategies compares predicted
-latency with the pruned model's measured latency (median of repeats, interleaved with the dense
-model in the same run). Target: median relative error <= 5 %.
+For each model, builds (or reuses) the table on a latency backend (torch eager by default, or ONNX
+Runtime), then for 20 random strategies compares predicted latency with the pruned model's measured
+latency on the same backend (median of repeats, interleaved with the dense model in the same run).
+Target: median error of latency as a share of dense <= 5 %.
 
     python benchmarks/latency_table.py [--models resnet20 resnet56 mobilenet_v2] [--strategies 20]
+                                       [--backend torch|onnxruntime]
+
+Results: benchmarks/results/latency_table.json (torch), latency_table_<backend>.json (others).
+``--max-points`` / ``--repeats`` shrink the grid and the timing for a quick try (not for the record).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import numpy as np
 import torch
 
 from prunepilot.compression import Pruner, PruningConstraints, build_model, load_model
+from prunepilot.compression.backends import local_backend, measure_pair
 from prunepilot.compression.cifar_resnet import CIFAR_RESNET_DEPTHS, RESIDUAL_ROOTS
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
-from prunepilot.compression.measure import measure_pair
 from prunepilot.service.settings import get_settings
 
 RESULTS = Path(__file__).parent / "results" / "latency_table.json"
@@ -38,15 +43,20 @@ def main() -> None:
     parser.add_argument("--strategies", type=int, default=20)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", default="torch", help="latency backend: torch, onnxruntime or cuda")
+    parser.add_argument("--max-points", type=int, default=12, help="channel grid points per layer (the table's default: 12)")
+    parser.add_argument("--repeats", type=int, default=40, help="timed runs per network per round of the measured check")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    results = RESULTS if args.backend == "torch" else RESULTS.with_name(f"latency_table_{args.backend}.json")
     store = FileLatencyStore(get_settings().cache_dir / "latency_tables.json")
     out = {}
     for arch in args.models:
         model = model_for(arch)
         # CIFAR ResNets: block-internal convs only, the space the recorded results were measured in
         pruner = Pruner(model, arch, 10, 32, PruningConstraints(exclude=RESIDUAL_ROOTS if arch in CIFAR_RESNET_DEPTHS else ()))
-        table = LatencyTable(pruner.graph, pruner.model, store, args.batch, args.threads)
+        table = LatencyTable(pruner.graph, pruner.model, store, args.batch, args.threads, max_points=args.max_points,
+                             backend=local_backend(args.backend, args.threads))
         t0 = time.perf_counter()
         measured_entries = table.build()
         build_s = time.perf_counter() - t0
@@ -64,7 +74,7 @@ def main() -> None:
             kept = pruner.kept_from_vector(ratios)
             pruned = pruner.prune_kept(kept).model
             # three interleaved rounds, median ratio: the machine's speed drifts over minutes
-            dense, small = measure_pair(model, pruned, 32, args.batch, args.threads, warmup=5, repeats=40)
+            dense, small = measure_pair(table.backend, model, pruned, 32, args.batch, args.threads, warmup=5, repeats=args.repeats)
             measured_ratio = small.median_ms / dense.median_ms
             row = {"measured_ms": small.median_ms, "dense_ms": dense.median_ms, "measured_ratio": measured_ratio}
             for quantum, tag in ((default_quantum, ""), (alt_quantum, "_alt")):
@@ -85,12 +95,15 @@ def main() -> None:
                      "median_error_ratio": ratio_err, "max_error_ratio": max(r["ratio_error"] for r in rows),
                      "alt_quantum": alt_quantum, "median_error_ratio_alt": alt_err,
                      "max_error_ratio_alt": max(r["ratio_error_alt"] for r in rows), "strategies": rows}
-        print(f"{arch:14s} entries {len(table.values):5d} (measured now {measured_entries}, {build_s:5.1f} s)  dense {table.dense_ms:6.2f} ms  "
+        out[arch]["backend"] = args.backend
+        out[arch]["predicted_over_dense"] = sum(r["predicted_ratio"] > 1.0 + 1e-9 for r in rows)
+        print(f"{arch:14s} [{args.backend}] entries {len(table.values):5d} (measured now {measured_entries}, {build_s:5.1f} s)  dense {table.dense_ms:6.2f} ms  "
               f"median error: absolute {ms_err:6.1%}, as ratio of dense {ratio_err:6.1%} (target <= 5 %); "
               f"rounded up to {alt_quantum} channels {alt_err:6.1%}", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"batch": args.batch, "threads": args.threads, "models": out}, indent=2))
-    print(f"written: {RESULTS}")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({"batch": args.batch, "threads": args.threads, "backend": args.backend, "max_points": args.max_points,
+                                   "repeats": args.repeats, "models": out}, indent=2))
+    print(f"written: {results}")
 
 
 if __name__ == "__main__":

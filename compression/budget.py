@@ -10,6 +10,7 @@ maximum).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import nn
@@ -19,6 +20,9 @@ from .graph import PruningGraph
 from .problem import Budget
 from .resources import RESOURCES, Resource, SizeModel, dense_values, exceeded
 from .strategy import PruningConstraints
+
+if TYPE_CHECKING:
+    from .evaluate import LatencyModel
 
 
 class BudgetChecker:
@@ -30,17 +34,21 @@ class BudgetChecker:
 
     @classmethod
     def analytic(cls, graph: PruningGraph, constraints: PruningConstraints, limits: Mapping[str, float],
-                 size: SizeModel) -> BudgetChecker:
-        """FLOPs / params / size only, straight from the pruning graph (no data, no evaluator); the
-        same figures the evaluator gives (``size`` is the evaluator's size model)."""
+                 size: SizeModel, latency: LatencyModel | None = None) -> BudgetChecker:
+        """FLOPs / params / size straight from the pruning graph (no data, no evaluator), plus latency
+        when a calibrated ``latency`` model (a table) is given; the same figures the evaluator gives
+        (``size`` is the evaluator's size model)."""
         dense = graph.cost(np.zeros(len(graph.layers)))
 
         def resources(kept: np.ndarray) -> dict[str, float]:
             c = graph.cost(graph.channels - kept)
-            return {"flops": c.macs / dense.macs, "params": c.params / dense.params, "size": size.ratio(c.params + c.bn_buffers)}
+            out = {"flops": c.macs / dense.macs, "params": c.params / dense.params, "size": size.ratio(c.params + c.bn_buffers)}
+            if latency is not None:
+                out["latency"] = latency.predict(kept) / latency.dense_ms
+            return out
 
         checker = cls.__new__(cls)
-        checker._setup(resources, graph.channels, constraints, limits, has_latency=False)
+        checker._setup(resources, graph.channels, constraints, limits, has_latency=latency is not None)
         return checker
 
     def _setup(self, resources: Callable[[np.ndarray], dict[str, float]], channels: np.ndarray, constraints: PruningConstraints,

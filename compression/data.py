@@ -1,23 +1,31 @@
-"""Image data as uint8 tensors: CIFAR-10-JPEG from its zip, or any ImageFolder directory / zip.
+"""Image data: CIFAR-10-JPEG from its zip, or any ImageFolder directory / zip.
 
 JPEG decoding dominates an evaluation if done per pass (~33 s for 10k CIFAR images plus a
-ResNet-56 forward), so every source is decoded once into a uint8 tensor cache on disk
+ResNet-56 forward), so a source is decoded once into a uint8 tensor cache on disk
 (60,000 x 3 x 32 x 32 = 184 MB for CIFAR-10) and reused. Normalization happens per batch.
+
+A directory tree whose decoded size is over the cache limit (an ImageNet-sized set registered on
+the workers) is not decoded whole: its splits are :class:`FileImageSet` lists of files, decoded
+batch by batch by DataLoader workers, so memory stays bounded by the file list. Both kinds are an
+:class:`ImageSource`; the evaluator and fine-tuning read either through ``batches(...)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import struct
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Protocol, Self, TypeVar
 
+import numpy as np
 import torch
+import torch.utils.data
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
@@ -33,6 +41,57 @@ CACHE_VERSION = 1
 SMALL_SPLIT = 500  # below this, a split's accuracy has a standard error over about 2 pt
 DEFAULT_VAL_SIZE = 5000  # AMC held out 5,000 CIFAR training images for its search reward.
 SPLIT_SEED = 20180908  # fixed: the validation split must be the same for every job and agent
+# what a broken file raises while it is read and decoded: skipped and reported (cache), or named (streaming)
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile)
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # uint8 images (B, 3, H, W) and int64 labels (B,), on one device
+
+
+class ImageSource(Protocol):
+    """A labelled image set the engine reads: in memory (:class:`ImageSet`) or streamed from files
+    (:class:`FileImageSet`). Labels are always in memory; images come through :meth:`batches`."""
+
+    labels: torch.Tensor
+    classes: list[str]
+
+    def __len__(self) -> int: ...
+
+    @property
+    def image_size(self) -> int: ...
+
+    @property
+    def streamed(self) -> bool: ...
+
+    def select(self, index: torch.Tensor) -> Self: ...
+
+    def subset(self, n: int | None, seed: int = 0) -> Self: ...
+
+    def decoded_bytes(self) -> int: ...
+
+    def load(self) -> ImageSet:
+        """The images decoded into memory (an ImageSet is itself)."""
+        ...
+
+    def resident(self) -> ImageSource:
+        """The set as an evaluator keeps it between passes: decoded into memory when it fits the
+        cache limit (a validation subset of a streamed set, typically), else itself."""
+        ...
+
+    def on(self, device: torch.device) -> Self:
+        """This set with its images on ``device`` (a streamed set decodes to it batch by batch)."""
+        ...
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None, device: torch.device | None = None) -> Iterator[Batch]:
+        """Batches of ``batch_size`` (the last one smaller) in ``order`` (default: as stored), on ``device``."""
+        ...
+
+
+def _subset_index(labels: torch.Tensor, n: int | None, seed: int) -> torch.Tensor | None:
+    """The rows of a deterministic, class-stratified subset of ``n`` (None: all of them)."""
+    if n is None or n >= len(labels):
+        return None
+    return stratified_indices(labels, n, seed)
 
 
 @dataclass
@@ -52,14 +111,48 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def image_size(self) -> int:
+        return int(self.images.shape[-1])
+
+    @property
+    def streamed(self) -> bool:
+        return False
+
     def select(self, index: torch.Tensor) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes)
 
     def subset(self, n: int | None, seed: int = 0) -> ImageSet:
         """A deterministic, class-stratified subset of ``n`` images (all if ``n`` is None or too big)."""
-        if n is None or n >= len(self):
+        index = _subset_index(self.labels, n, seed)
+        return self if index is None else self.select(index)
+
+    def decoded_bytes(self) -> int:
+        return self.images.numel()
+
+    def load(self) -> ImageSet:
+        return self
+
+    def resident(self) -> ImageSet:
+        return self
+
+    def on(self, device: torch.device) -> ImageSet:
+        if self.images.device == device:
             return self
-        return self.select(stratified_indices(self.labels, n, seed))
+        return ImageSet(self.images.to(device), self.labels.to(device), self.classes)
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None, device: torch.device | None = None) -> Iterator[Batch]:
+        if order is not None:
+            order = order.to(self.images.device)
+        for i in range(0, len(self) if order is None else len(order), batch_size):
+            if order is None:
+                x, y = self.images[i: i + batch_size], self.labels[i: i + batch_size]
+            else:
+                idx = order[i: i + batch_size]
+                x, y = self.images[idx], self.labels[idx]
+            if device is not None and x.device != device:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            yield x, y
 
 
 @dataclass
@@ -70,9 +163,9 @@ class DecodeFailure:
 
 @dataclass
 class DataSplits:
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
+    train: ImageSource
+    val: ImageSource
+    test: ImageSource
     mean: tuple[float, float, float] = CIFAR_MEAN
     std: tuple[float, float, float] = CIFAR_STD
     failures: list[DecodeFailure] = field(default_factory=list)
@@ -96,11 +189,14 @@ class DataSplits:
     def describe(self) -> dict[str, object]:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test), "classes": self.num_classes,
                 "image_size": self.image_size, "carved": list(self.carved), "mean": list(self.mean), "std": list(self.std),
-                "warnings": self.warnings()}
+                "streamed": self.train.streamed, "warnings": self.warnings()}
 
     @property
     def image_size(self) -> int:
-        return int(self.train.images.shape[-1])
+        return self.train.image_size
+
+
+S = TypeVar("S", bound=ImageSource)
 
 
 def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -117,7 +213,9 @@ def stratified_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return out.sort().values
 
 
-def split_train_val(train: ImageSet, val_size: int, seed: int = SPLIT_SEED) -> tuple[ImageSet, ImageSet]:
+def split_train_val(train: S, val_size: int, seed: int = SPLIT_SEED) -> tuple[S, S]:
+    """``val_size`` images carved off ``train`` (class-stratified, deterministic): the same carve for
+    a decoded set and for the file list of a streamed one, since it is chosen from the labels alone."""
     if not 0 < val_size < len(train):
         raise DataError(f"validation size {val_size} must be between 1 and the training set size {len(train) - 1}")
     val_idx = stratified_indices(train.labels, val_size, seed)
@@ -250,7 +348,7 @@ def _decode_members(
     for m in it:
         try:
             img = _decode(read(m.name), size, max_pixels)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError, zipfile.BadZipFile) as exc:
+        except DECODE_ERRORS as exc:
             failures.append(DecodeFailure(m.name, str(exc) or type(exc).__name__))
             continue
         if images and img.shape != images[0].shape:
@@ -372,6 +470,215 @@ def _read_capped(f: IO[bytes], limit: int) -> bytes:
     return data
 
 
+# --------------------------------------------------------------------------- streaming
+
+SPLIT_FOLDERS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class _FileReader:
+    """Reads and decodes one file of a streamed set, under the same per-image limits as the cache."""
+
+    root: str
+    size: int
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
+
+    def __call__(self, relative: bytes) -> torch.Tensor:
+        path = os.path.join(self.root, os.fsdecode(relative))
+        _check_size(os.stat(path).st_size, self.max_image_bytes)
+        with open(path, "rb") as f:
+            return _decode(_read_capped(f, self.max_image_bytes), self.size, self.max_image_pixels)
+
+
+class _FileDataset(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """One file of a streamed set per item. A file that fails to decode comes back as label
+    ``-1 - index``, so the reading process names it in one line (an exception raised in a DataLoader
+    worker arrives wrapped in a traceback)."""
+
+    def __init__(self, reader: _FileReader, files: np.ndarray, labels: np.ndarray) -> None:
+        self.reader, self.files, self.labels = reader, files, labels
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        try:
+            return self.reader(self.files[i]), int(self.labels[i])
+        except DECODE_ERRORS:
+            return torch.zeros(3, self.reader.size, self.reader.size, dtype=torch.uint8), -1 - int(i)
+
+
+@dataclass
+class FileImageSet:
+    """Images listed by file under ``root`` and decoded batch by batch at ``size`` x ``size`` by
+    ``workers`` DataLoader processes (0: in this process). Memory holds the file list (relative paths
+    as one bytes array: no Python object per file, so forked workers share it untouched) and the
+    batches in flight, whatever the number of images. A subset that decodes to at most
+    ``memory_limit`` bytes is held in memory by :meth:`resident` (None: never)."""
+
+    root: Path
+    files: np.ndarray  # relative paths, dtype 'S'
+    labels: torch.Tensor
+    classes: list[str]
+    size: int
+    workers: int = 0
+    max_image_bytes: int = MAX_IMAGE_BYTES
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS
+    memory_limit: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_size(self) -> int:
+        return self.size
+
+    @property
+    def streamed(self) -> bool:
+        return True
+
+    def select(self, index: torch.Tensor) -> FileImageSet:
+        return dataclasses.replace(self, files=self.files[index.cpu().numpy()], labels=self.labels[index])
+
+    def subset(self, n: int | None, seed: int = 0) -> FileImageSet:
+        index = _subset_index(self.labels, n, seed)
+        return self if index is None else self.select(index)
+
+    def decoded_bytes(self) -> int:
+        return len(self) * 3 * self.size * self.size
+
+    def load(self) -> ImageSet:
+        images = torch.empty((len(self), 3, self.size, self.size), dtype=torch.uint8)
+        pos = 0
+        for x, _ in self.batches(256):
+            images[pos: pos + len(x)] = x
+            pos += len(x)
+        return ImageSet(images, self.labels.clone(), self.classes)
+
+    def resident(self) -> ImageSource:
+        if self.memory_limit is not None and self.decoded_bytes() <= self.memory_limit:
+            return self.load()
+        return self
+
+    def on(self, device: torch.device) -> FileImageSet:
+        return self
+
+    def batches(self, batch_size: int, order: torch.Tensor | None = None, device: torch.device | None = None) -> Iterator[Batch]:
+        reader = _FileReader(str(self.root), self.size, self.max_image_bytes, self.max_image_pixels)
+        dataset = _FileDataset(reader, self.files, self.labels.numpy())
+        sampler: Iterable[int] = range(len(self)) if order is None else order.cpu().numpy()
+        pin = device is not None and device.type == "cuda"
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=self.workers,
+                                             pin_memory=pin, prefetch_factor=2 if self.workers else None)
+        for x, y in loader:
+            bad = y < 0
+            if bool(bad.any()):
+                raise DataError(self._failure(int(-1 - y[bad][0])))
+            if device is not None and device.type != "cpu":
+                x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
+            yield x, y
+
+    def _failure(self, i: int) -> str:
+        name = os.fsdecode(self.files[i])
+        try:
+            _FileReader(str(self.root), self.size, self.max_image_bytes, self.max_image_pixels)(self.files[i])
+            reason = "it decodes in this process but not in a loader worker"
+        except DECODE_ERRORS as exc:
+            reason = str(exc) or type(exc).__name__
+        return (f"{name} in the streamed data set {self.root} cannot be decoded ({reason}): a streamed data set must "
+                "decode whole; fix or remove the file")
+
+
+@dataclass
+class ImageTree:
+    """The file list of an ImageFolder directory: ``{split/}class/image`` files, in the order the
+    cache path decodes them (split, class, file name)."""
+
+    root: Path
+    classes: list[str]
+    splits: dict[str, tuple[np.ndarray, torch.Tensor]]  # split -> (relative paths, labels)
+
+    @property
+    def count(self) -> int:
+        return sum(len(files) for files, _ in self.splits.values())
+
+    def native_size(self) -> int:
+        """The first image's side (its larger one): what a streamed set decodes every image at
+        when no image size is given."""
+        for files, _ in self.splits.values():
+            if len(files):
+                path = self.root / os.fsdecode(files[0])
+                with path.open("rb") as f:
+                    dims = image_dimensions(f)
+                if dims is None:
+                    with Image.open(path) as im:
+                        dims = im.size
+                return max(dims)
+        raise DataError(f"no image files found in {self.root}")
+
+    def sets(self, size: int, workers: int, max_image_bytes: int, max_image_pixels: int | None,
+             memory_limit: int | None) -> dict[str, FileImageSet]:
+        return {split: FileImageSet(self.root, files, labels, self.classes, size, workers, max_image_bytes, max_image_pixels,
+                                    memory_limit)
+                for split, (files, labels) in self.splits.items()}
+
+
+def _visible(name: str) -> bool:
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def scan_image_tree(root: str | Path) -> ImageTree:
+    """List a directory laid out as ``train/``, ``val/``, ``test/`` folders of class folders (as
+    ImageNet is), or as class folders only (all training data); files in other places are ignored.
+    One ``scandir`` per folder: 200,000 files list in about a second."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data not found: {root} is not a directory")
+    present = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
+    inner = [Path(e.path) for e in os.scandir(root) if e.is_dir() and _visible(e.name)]
+    if not present and len(inner) == 1 and any((inner[0] / s).is_dir() for s in SPLIT_FOLDERS):
+        return scan_image_tree(inner[0])  # one folder around the splits (an unpacked archive's name)
+    layout = {s: root / s for s in present} if present else {"train": root}
+    # one bytes array per class folder as it is read (the Python strings of one folder live at a time)
+    found: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for split, folder in layout.items():
+        prefix = "" if not present else f"{split}/"
+        found[split] = []
+        for cls in sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name)):
+            names = sorted(e.name for e in os.scandir(folder / cls) if e.is_file() and _visible(e.name) and is_image_name(e.name))
+            if names:
+                found[split].append((cls, np.array([os.fsencode(f"{prefix}{cls}/{n}") for n in names], dtype=np.bytes_)))
+    classes = sorted({cls for entries in found.values() for cls, _ in entries})
+    if not classes:
+        raise DataError(f"no image files found in {root} (expected class folders of .jpg/.png files)")
+    if len(classes) < 2:
+        raise DataError("need at least two class folders")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split, entries in found.items():
+        if entries:
+            files = np.concatenate([paths for _, paths in entries])
+            labels = torch.cat([torch.full((len(paths),), index[cls], dtype=torch.int64) for cls, paths in entries])
+            splits[split] = (files, labels)
+    return ImageTree(root, classes, splits)
+
+
+def tree_classes(root: str | Path) -> list[str]:
+    """The classes of an ImageFolder directory's training images, reading folder names and the first
+    image of each class only (cheap on an ImageNet-sized tree)."""
+    root = Path(root)
+    folder = root / "train" if (root / "train").is_dir() else root
+    if not folder.is_dir():
+        raise DataError(f"data not found: {root} is not a directory")
+    out = []
+    for cls in sorted(e.name for e in os.scandir(folder) if e.is_dir() and _visible(e.name)):
+        with os.scandir(folder / cls) as entries:
+            if any(e.is_file() and _visible(e.name) and is_image_name(e.name) for e in entries):
+                out.append(cls)
+    return out
+
+
 def load_splits(
     source: str | Path,
     cache_dir: str | Path | None = None,
@@ -382,11 +689,38 @@ def load_splits(
     std: tuple[float, float, float] = CIFAR_STD,
     max_image_bytes: int = MAX_IMAGE_BYTES,
     max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+    max_decoded_bytes: int | None = None,
+    loader_workers: int = 0,
 ) -> DataSplits:
     """Train / validation / test splits. Validation is carved from train, deterministically,
-    unless the source has its own ``val/`` folder; test stays untouched for final figures."""
+    unless the source has its own ``val/`` folder; test stays untouched for final figures.
+
+    A directory whose images decode to more than ``max_decoded_bytes`` (counted at ``image_size``, or
+    at the first image's size) is streamed: its splits are :class:`FileImageSet` lists decoded by
+    ``loader_workers`` processes batch by batch, every image at one size (subsets within the limit,
+    like the evaluator's validation images, are decoded into memory). Anything smaller, and any zip
+    (uploads are capped at submission), is decoded once into the uint8 cache."""
+    source = Path(source)
+    decoded: Mapping[str, ImageSource]
+    tree = None
+    if max_decoded_bytes is not None and source.is_dir():
+        try:
+            tree = scan_image_tree(source)
+        except DataError:
+            tree = None  # a layout only the cache path reads (say, images at mixed depths): decoded, with its messages
+    if tree is not None and max_decoded_bytes is not None:
+        size = image_size or tree.native_size()
+        if tree.count * 3 * size * size > max_decoded_bytes:
+            decoded = tree.sets(size, loader_workers, max_image_bytes, max_image_pixels, max_decoded_bytes)
+            return _splits_of(decoded, [], val_size, mean, std)
     decoded, failures = decode_image_folder(source, cache_dir, image_size, progress,
                                             max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
+    return _splits_of(decoded, failures, val_size, mean, std)
+
+
+def _splits_of(decoded: Mapping[str, ImageSource], failures: list[DecodeFailure], val_size: int | None,
+               mean: tuple[float, float, float], std: tuple[float, float, float]) -> DataSplits:
+    """The three splits from a source's folders, carving those it lacks from its training images."""
     train = decoded.get("train")
     if train is None:
         raise DataError("data has no training images (expected a train/ folder or class folders)")
@@ -409,26 +743,35 @@ def load_splits(
 
 
 class Normalizer:
-    """uint8 (N,3,H,W) -> normalized float32, the same transform the weights were trained with."""
+    """uint8 (N,3,H,W) -> normalized float32, the same transform the weights were trained with, on
+    the images' device."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {self.mean.device: (self.mean, self.inv_std)}
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        return (images.float() - self.mean).mul_(self.inv_std)
+        consts = self._on.get(images.device)
+        if consts is None:
+            consts = self._on[images.device] = (self.mean.to(images.device), self.inv_std.to(images.device))
+        mean, inv_std = consts
+        return (images.float() - mean).mul_(inv_std)
 
 
 def augment(images: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Standard CIFAR augmentation on a uint8 batch: random crop with zero padding and horizontal flip."""
+    """Standard CIFAR augmentation on a uint8 batch: random crop with zero padding and horizontal flip.
+
+    Runs on the images' device. The random offsets come from ``generator`` (a CPU generator), so a
+    seed gives the same crops and flips on every device. Returned in channels-last layout (a view
+    of one gather, never an index tensor the size of the batch)."""
     n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h)).view(n, 1, h, 1).expand(n, c, h, w)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w)).view(n, 1, 1, w).expand(n, c, h, w)
-    flip = torch.rand(n, generator=generator) < 0.5
-    cols = torch.where(flip.view(n, 1, 1, 1), (dx.view(n, 1, 1, 1) + w - 1) - (cols - dx.view(n, 1, 1, 1)), cols)
-    batch_idx = torch.arange(n).view(n, 1, 1, 1).expand(n, c, h, w)
-    chan_idx = torch.arange(c).view(1, c, 1, 1).expand(n, c, h, w)
-    return padded[batch_idx, chan_idx, rows, cols]
+    dev = images.device
+    padded = torch.nn.functional.pad(images, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (n, h+2p, w+2p, c)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev).view(n, 1)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(dev).view(n, 1)
+    rows = (dy.view(n, 1) + torch.arange(h, device=dev)).view(n, h, 1)
+    cols = torch.arange(w, device=dev).view(1, w)
+    cols = torch.where(flip, dx + (w - 1) - cols, dx + cols).view(n, 1, w)  # flipped: column j reads dx + w-1-j
+    return padded[torch.arange(n, device=dev).view(n, 1, 1), rows, cols].permute(0, 3, 1, 2)

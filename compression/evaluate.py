@@ -6,7 +6,9 @@ almost noise (ResNet-56 uniform 50 % MACs: 26 %); re-estimating them on ~1k trai
 (adaptive BN, EagleEye 2020) brings it to 67 %, and that is the default fidelity.
 
 Forward passes dominate the cost, so they run in channels-last layout, with BatchNorm folded
-into the convolutions for inference, on pre-normalized tensors.
+into the convolutions for inference, on pre-normalized tensors. They run on the evaluator's compute
+device (``compression/compute_device.py``): the dense model, the calibration and validation images are
+moved there once, each candidate once; metrics come back as Python numbers.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol, cast
 
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import DataSplits, ImageSet, Normalizer
+from .compute_device import GPU_EVAL_BATCH, exact_float32, inference_batch, model_device, place, resolve_device
+from .data import DataSplits, ImageSource, Normalizer
 from .errors import PrunePilotError
 from .finetune import FinetuneConfig, finetune
 from .measure import measure_latency, size_on_disk
@@ -144,16 +147,37 @@ def accuracy(
     timer: ForwardTimer | None = None,
     fold: bool = True,
 ) -> float:
-    """Top-1 accuracy of ``model`` on normalized ``images`` (channels-last float tensors)."""
+    """Top-1 accuracy of ``model`` on normalized ``images`` (channels-last float tensors on the model's device)."""
+    batches = ((images[i: i + batch_size], labels[i: i + batch_size]) for i in range(0, len(images), batch_size))
+    return _top1(model, batches, len(images), timer, fold)
+
+
+def accuracy_on(
+    model: nn.Module,
+    data: ImageSource,
+    normalizer: Normalizer,
+    batch_size: int = 128,
+    timer: ForwardTimer | None = None,
+    fold: bool = True,
+) -> float:
+    """Top-1 accuracy of ``model`` on an image set (in memory or streamed), each batch normalized on
+    the model's device."""
+    device = model_device(model)
+    batches = ((normalizer(x).contiguous(memory_format=torch.channels_last), y) for x, y in data.batches(batch_size, device=device))
+    return _top1(model, batches, len(data), timer, fold)
+
+
+def _top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n: int, timer: ForwardTimer | None,
+          fold: bool) -> float:
     model.eval()
     net = fold_batchnorm(model) if fold else model
     timer = timer or ForwardTimer()
     correct = 0
     with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            logits = timer.run(lambda i=i: net(images[i: i + batch_size]))
-            correct += int((logits.argmax(1) == labels[i: i + batch_size]).sum())
-    return correct / max(1, len(images))
+        for x, y in batches:
+            logits = timer.run(lambda x=x: net(x))
+            correct += int((logits.argmax(1) == y).sum())
+    return correct / max(1, n)
 
 
 def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: int = 128, timer: ForwardTimer | None = None) -> None:
@@ -229,10 +253,11 @@ def reconstruct_next_layers(
             flat = out.flatten(2)  # (N, C, L)
             if name not in picks:
                 order.append(name)
-                picks[name] = torch.randint(0, flat.shape[2], (len(images), samples_per_image), generator=gen)
+                # drawn on the CPU generator (the same positions on every device), kept on the features' device
+                picks[name] = torch.randint(0, flat.shape[2], (len(images), samples_per_image), generator=gen).to(flat.device)
             y = _positions(flat, picks[name][offset[0]: offset[0] + flat.shape[0]])
             if name in kept_outputs:
-                y = y[:, torch.as_tensor(kept_outputs[name])]
+                y = y[:, torch.as_tensor(kept_outputs[name], device=y.device)]
             ys[name].append(y)
         return hook
 
@@ -275,7 +300,7 @@ def reconstruct_next_layers(
             if m.bias is not None:
                 y = y - m.bias
             gram = x.T @ x
-            gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0])
+            gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], device=gram.device)
             w = torch.linalg.solve(gram, x.T @ y)  # (C*k*k, O)
             m.weight.copy_(w.T.reshape_as(m.weight))
     return len(order)
@@ -286,22 +311,27 @@ def reconstruct_next_layers(
 
 @dataclass
 class EvalData:
-    """The fixed tensors an evaluator reads: validation subset, calibration images, train set."""
+    """What an evaluator reads: the fixed validation subset (in memory on the device, or streamed
+    when it is over the cache limit), the calibration images (normalized, channels-last, on the
+    device; ``calib_images`` of them, always in memory) and the training set (short fine-tunes)."""
 
-    val_x: torch.Tensor
-    val_y: torch.Tensor
+    val: ImageSource
     calib_x: torch.Tensor
-    train: ImageSet
+    train: ImageSource
     normalizer: Normalizer
 
     @classmethod
-    def from_splits(cls, splits: DataSplits, val_images: int | None, calib_images: int, seed: int = 0) -> EvalData:
+    def from_splits(cls, splits: DataSplits, val_images: int | None, calib_images: int, seed: int = 0,
+                    device: torch.device | None = None) -> EvalData:
+        device = device or torch.device("cpu")
         norm = Normalizer(splits.mean, splits.std)
-        val = splits.val.subset(val_images, seed)
-        calib = splits.train.subset(calib_images, seed + 1)
-        cl = torch.channels_last
-        return cls(norm(val.images).contiguous(memory_format=cl), val.labels,
-                   norm(calib.images).contiguous(memory_format=cl), splits.train, norm)
+        val = splits.val.subset(val_images, seed).resident().on(device)
+        calib = splits.train.subset(calib_images, seed + 1).load().on(device)
+        return cls(val, norm(calib.images).contiguous(memory_format=torch.channels_last), splits.train.on(device), norm)
+
+    def on(self, device: torch.device) -> EvalData:
+        """The same data on ``device`` (the CPU for the object store: NetAdapt ships it to its proposals)."""
+        return EvalData(self.val.on(device), self.calib_x.to(device), self.train.on(device), self.normalizer)
 
 
 class Evaluator:
@@ -317,9 +347,14 @@ class Evaluator:
         latency_batch: int = 1,
         cache_size: int = 4096,
         metric: Callable[[nn.Module], float] | None = None,
+        device: str | torch.device = "cpu",
+        gpu_eval_batch: int = GPU_EVAL_BATCH,
     ) -> None:
         """``metric``: the user's own metric of a candidate (higher is better), measured after the
-        fidelity step instead of top-1 accuracy on the validation split (``prunepilot.compress``)."""
+        fidelity step instead of top-1 accuracy on the validation split (``prunepilot.compress``); it
+        gets the candidate on ``device``, the compute device (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+        self.device = resolve_device(device)
+        self.gpu_eval_batch = gpu_eval_batch  # validation batch on a GPU (the CPU keeps the fidelity's)
         self.pruner = pruner
         self.metric = metric
         self.splits = splits
@@ -331,7 +366,7 @@ class Evaluator:
         self._cache: OrderedDict[tuple[object, ...], Metrics] = OrderedDict()
         self._cache_size = cache_size
         # a channels-last copy for fast forward passes; the pruner's model stays as the user gave it
-        self.dense_model = copy.deepcopy(pruner.model).to(memory_format=torch.channels_last)
+        self.dense_model = place(copy.deepcopy(pruner.model), self.device)
         self.size_model = SizeModel.of(self.dense_model, pruner.graph.dense_params)
         self.dense_size = self.size_model.dense_bytes
         self.evaluations = 0  # real (uncached) evaluations
@@ -345,7 +380,7 @@ class Evaluator:
         if self.splits is None:
             raise PrunePilotError("this evaluator was made without data: it cannot measure accuracy")
         if key not in self._data:
-            self._data[key] = EvalData.from_splits(self.splits, fidelity.val_images, fidelity.calib_images)
+            self._data[key] = EvalData.from_splits(self.splits, fidelity.val_images, fidelity.calib_images, device=self.device)
         return self._data[key]
 
     def fidelity_tag(self, fidelity: Fidelity | None = None) -> str:
@@ -354,7 +389,7 @@ class Evaluator:
         if self.splits is None:
             return fidelity.tag
         data = self.data(fidelity)
-        return fidelity.tag_with(len(data.val_y), len(data.calib_x))
+        return fidelity.tag_with(len(data.val), len(data.calib_x))
 
     def resources(self, kept: np.ndarray) -> dict[str, float]:
         """Budgeted resources of a candidate as ratios of dense, without pruning it (cheap)."""
@@ -388,14 +423,15 @@ class Evaluator:
         timer = ForwardTimer()
         pruned = self.pruner.prune_kept(kept)
         prune_s = time.perf_counter() - start
-        model = pruned.model.to(memory_format=torch.channels_last)
+        model = place(pruned.model, self.device)  # pruned on the CPU, moved once
         data = self.data(fidelity)
-        self._apply_fidelity(model, fidelity, data, timer, pruned.kept_outputs)
-        if self.metric is not None:
-            metric = self.metric
-            acc = float(timer.run(lambda: torch.tensor(metric(model.eval()))))
-        else:
-            acc = accuracy(model, data.val_x, data.val_y, fidelity.batch_size, timer)
+        with exact_float32(self.device):
+            self._apply_fidelity(model, fidelity, data, timer, pruned.kept_outputs)
+            if self.metric is not None:
+                metric = self.metric
+                acc = float(timer.run(lambda: torch.tensor(metric(model.eval()))))
+            else:
+                acc = accuracy_on(model, data.val, data.normalizer, self._eval_batch(fidelity), timer)
         metrics = self.metrics_for(pruned.model, kept, acc, self.fidelity_tag(fidelity))
         metrics.prune_time_s = prune_s
         metrics.forward_time_s = timer.seconds
@@ -418,7 +454,7 @@ class Evaluator:
         elif fidelity.method == "short-finetune":
             recalibrate_batchnorm(model, data.calib_x, fidelity.batch_size, timer)
             cfg = FinetuneConfig(steps=fidelity.finetune_steps, lr=fidelity.finetune_lr, batch_size=fidelity.batch_size, warmup_fraction=0.1)
-            result = finetune(model, data.train, data.normalizer, cfg)
+            result = finetune(model, data.train, data.normalizer, cfg, device=self.device)
             timer.seconds += result.forward_seconds
 
     def metrics_for(self, model: nn.Module, kept: np.ndarray, acc: float, fidelity_tag: str) -> Metrics:
@@ -436,7 +472,9 @@ class Evaluator:
             latency_ratio = latency / self.latency_model.dense_ms
         elif self.latency_mode == "measure":
             # Dense and pruned in one interleaved run: their ratio is robust to machine noise.
-            dense, mine = measure_latency([self.dense_model, model], self.pruner.input_size, self.latency_batch)
+            # timed on the CPU, whatever the compute device: latency is the target's (compression/compute_device.py)
+            host = [m if self.device.type == "cpu" else copy.deepcopy(m).cpu() for m in (self.dense_model, model)]
+            dense, mine = measure_latency(host, self.pruner.input_size, self.latency_batch)
             latency, source = mine.median_ms, "measured"
             latency_ratio = mine.median_ms / dense.median_ms
         return Metrics(
@@ -451,7 +489,11 @@ class Evaluator:
     def dense_accuracy(self, fidelity: Fidelity | None = None) -> float:
         fidelity = fidelity or self.fidelity
         data = self.data(fidelity)
-        return accuracy(copy.deepcopy(self.dense_model), data.val_x, data.val_y, fidelity.batch_size)
+        with exact_float32(self.device):
+            return accuracy_on(copy.deepcopy(self.dense_model), data.val, data.normalizer, self._eval_batch(fidelity))
+
+    def _eval_batch(self, fidelity: Fidelity) -> int:
+        return inference_batch(self.device, fidelity.batch_size, self.gpu_eval_batch)
 
 
 class FormulaEvaluator(Evaluator):

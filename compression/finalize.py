@@ -2,7 +2,8 @@
 
 Final figures are always on the untouched test split after fine-tuning, next to the dense model
 measured in the same run (latency interleaved), optionally after the same fine-tune budget so
-the accuracy drop is honest.
+the accuracy drop is honest. BN re-estimation, fine-tuning and accuracy run on the compute device;
+the models come back to the CPU for their costs, their latency and the artifact.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import DataSplits, Normalizer
-from .evaluate import accuracy, recalibrate_batchnorm
+from .compute_device import GPU_EVAL_BATCH, exact_float32, inference_batch, place, resolve_device
+from .data import DataSplits, ImageSource, Normalizer
+from .evaluate import accuracy_on, recalibrate_batchnorm
 from .finetune import FinetuneConfig, StepCallback, finetune
 from .measure import count_macs, count_params, measure_pair, size_on_disk
 from .pruning import PrunedModel, Pruner
@@ -62,14 +64,21 @@ class FinalResult:
         }
 
 
+def heldout(splits: DataSplits, limit: int | None = None) -> ImageSource:
+    """The images final figures are measured on: the test split, or a stratified subset of ``limit``."""
+    return splits.test.subset(limit, seed=0).resident()
+
+
 def heldout_tensors(splits: DataSplits, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    test = splits.test.subset(limit, seed=0)
+    """:func:`heldout` decoded and normalized (channels-last floats on the CPU)."""
+    test = heldout(splits, limit).load()
     x = Normalizer(splits.mean, splits.std)(test.images).contiguous(memory_format=torch.channels_last)
     return x, test.labels
 
 
-def figures(model: nn.Module, x: torch.Tensor, y: torch.Tensor, input_size: int, latency: Mapping[int, float]) -> Figures:
-    return Figures(accuracy(model, x, y), count_macs(model, input_size), count_params(model), size_on_disk(model),
+def figures(model: nn.Module, acc: float, input_size: int, latency: Mapping[int, float]) -> Figures:
+    """A model's final figures from its measured accuracy; ``model`` on the CPU."""
+    return Figures(acc, count_macs(model, input_size), count_params(model), size_on_disk(model),
                    {str(b): ms for b, ms in latency.items()})
 
 
@@ -105,10 +114,15 @@ def finalize(
     on_step: StepCallback | None = None,
     initial_model: nn.Module | None = None,
     checkpoint_dir: Path | None = None,
+    device: str | torch.device = "cpu",
+    gpu_eval_batch: int = GPU_EVAL_BATCH,
 ) -> FinalResult:
     """``initial_model``: the pruned network an agent already adapted (NetAdapt); fine-tuning starts
     from it instead of re-pruning the dense weights with ``strategy``. ``checkpoint_dir``: where the
-    fine-tunes keep their checkpoints, so a run killed midway continues where it stopped."""
+    fine-tunes keep their checkpoints, so a run killed midway continues where it stopped.
+    ``device``: the compute device of BN re-estimation, fine-tuning and test accuracy; the result's
+    models are on the CPU."""
+    dev = resolve_device(device)
     start = time.perf_counter()
     if initial_model is not None:
         kept = [output_channels(initial_model.get_submodule(layer.name)) for layer in pruner.layers]
@@ -116,25 +130,37 @@ def finalize(
                              pruner.effective(np.array(kept)), kept)
     else:
         pruned = pruner.prune(strategy)
-    model = pruned.model.to(memory_format=torch.channels_last)
+    model = place(pruned.model, dev)
     norm = Normalizer(splits.mean, splits.std)
-    calib = norm(splits.train.subset(adaptive_bn_images, seed=1).images).contiguous(memory_format=torch.channels_last)
-    recalibrate_batchnorm(model, calib)  # a better start for fine-tuning than stale statistics
+    train = splits.train.on(dev)  # moved once for both fine-tunes (a streamed set decodes to the device)
+    calib = norm(splits.train.subset(adaptive_bn_images, seed=1).load().images.to(dev)).contiguous(memory_format=torch.channels_last)
+    with exact_float32(dev):
+        recalibrate_batchnorm(model, calib)  # a better start for fine-tuning than stale statistics
     teacher = pruner.model if config.distill else None
     if checkpoint_dir is not None:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    ft = finetune(model, splits.train, norm, config, teacher=teacher, on_step=on_step,
-                  checkpoint=checkpoint_dir / "finetune-pruned.pt" if checkpoint_dir is not None else None)
-    dense = copy.deepcopy(pruner.model).eval()
-    x, y = heldout_tensors(splits, test_images)
-    size = pruner.input_size
-    dense_lat, pruned_lat = paired_latency(dense, model, size, latency_batches, threads)
-    figs = {"dense": figures(dense, x, y, size, dense_lat), "pruned": figures(model, x, y, size, pruned_lat)}
+    ft = finetune(model, train, norm, config, teacher=teacher, on_step=on_step,
+                  checkpoint=checkpoint_dir / "finetune-pruned.pt" if checkpoint_dir is not None else None, device=dev)
+    dense = copy.deepcopy(pruner.model).to(dev).eval()
+    test = heldout(splits, test_images).on(dev)
+    batch = inference_batch(dev, 128, gpu_eval_batch)
+    with exact_float32(dev):
+        acc = {"dense": accuracy_on(dense, test, norm, batch), "pruned": accuracy_on(model, test, norm, batch)}
+    dense_ft = None
     if finetune_dense:
         dense_ft = copy.deepcopy(pruner.model)
-        finetune(dense_ft, splits.train, norm, config, teacher=teacher,
-                 checkpoint=checkpoint_dir / "finetune-dense.pt" if checkpoint_dir is not None else None)
-        figs["dense_finetuned"] = figures(dense_ft, x, y, size, dense_lat)
+        finetune(dense_ft, train, norm, config, teacher=teacher,
+                 checkpoint=checkpoint_dir / "finetune-dense.pt" if checkpoint_dir is not None else None, device=dev)
+        with exact_float32(dev):
+            acc["dense_finetuned"] = accuracy_on(dense_ft, test, norm, batch)
+    for m in (model, dense, dense_ft):  # costs, latency and the artifact are the host's (Module.to moves in place)
+        if m is not None:
+            m.to("cpu")
+    size = pruner.input_size
+    dense_lat, pruned_lat = paired_latency(dense, model, size, latency_batches, threads)
+    figs = {"dense": figures(dense, acc["dense"], size, dense_lat), "pruned": figures(model, acc["pruned"], size, pruned_lat)}
+    if dense_ft is not None:
+        figs["dense_finetuned"] = figures(dense_ft, acc["dense_finetuned"], size, dense_lat)
     pruned.model = model
     pruned.spec.mean, pruned.spec.std = splits.mean, splits.std  # the artifact says how to feed it
-    return FinalResult(pruned, figs, ft.seconds, len(y), time.perf_counter() - start)
+    return FinalResult(pruned, figs, ft.seconds, len(test), time.perf_counter() - start)

@@ -9,6 +9,7 @@ search of a given length is expected to take.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .budget import BudgetChecker
+from .budget import BudgetChecker, uniform_within
 from .errors import BudgetError
 from .evaluate import Fidelity, LatencyModel
 from .graph import BlockedLayer
@@ -25,8 +26,10 @@ from .measure import torch_threads
 from .problem import UNITS, Budget
 from .pruning import Pruner
 from .resources import Resource, SizeModel, dense_values, within
+from .strategy import PruningConstraints
 
-__all__ = ["GroupReport", "PrunabilityReport", "estimate_evaluation_seconds", "inspect_model", "timed_report"]
+__all__ = ["MIN_SPEEDUP", "NO_SPEEDUP", "GroupReport", "LatencyOutlook", "LayerCurve", "PrunabilityReport", "estimate_evaluation_seconds",
+           "inspect_model", "latency_outlook", "latency_problems", "timed_report"]
 
 
 @dataclass(frozen=True)
@@ -251,3 +254,131 @@ def timed_report(pruner: Pruner, evaluations: int, threads: int | None, latency_
     seconds = estimate_evaluation_seconds(pruner, threads=threads) if pruner.layers else None
     return inspect_model(pruner, latency_table=latency_table, seconds_per_evaluation=seconds, evaluations=evaluations,
                          dense_latency_ms=dense_ms)
+
+
+# ---------------------------------------------------------------------------------------------- latency outlook
+
+NO_SPEEDUP = "pruning will not make this faster on this target"
+# The least predicted speedup at the layer limits worth a latency search: the table's validation
+# target is a 5 % median error (benchmarks/latency_table.py), so a predicted gain under 5 % is within
+# what it misjudges, and the measured check could not confirm it.
+MIN_SPEEDUP = 1.05
+
+
+@dataclass(frozen=True)
+class LayerCurve:
+    """One prunable layer's latency curve: predicted network ms with the layer keeping each of
+    ``counts`` channels (the table's grid for it) and every other layer whole."""
+
+    name: str
+    counts: tuple[int, ...]
+    ms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LatencyOutlook:
+    """What pruning can do to latency on one target, from its calibrated latency table.
+
+    ``floor_speedup``: dense over predicted latency with every layer at its largest ratio (the most a
+    search can get); ``uniform_speedup`` / ``stepped_speedup``: at the requested budget, the least
+    uniform pruning meeting it, without and with measured channel steps (``round_to="measured"``)."""
+
+    backend: str
+    device: str
+    batch_size: int
+    dense_ms: float
+    floor_speedup: float
+    layers: tuple[LayerCurve, ...]
+    budget: str | None = None
+    uniform_speedup: float | None = None
+    stepped_speedup: float | None = None
+    budget_problem: str | None = None  # why the speedups at the budget are missing
+
+    @property
+    def will_speed_up(self) -> bool:
+        return self.floor_speedup >= MIN_SPEEDUP
+
+    @property
+    def verdict(self) -> str:
+        if not self.will_speed_up:
+            return (f"{NO_SPEEDUP}: the latency table ({self.backend}, batch {self.batch_size}) predicts at most "
+                    f"{self.floor_speedup:.3f}x at the layer limits (under {MIN_SPEEDUP:g}x)")
+        return f"pruning can make this up to {self.floor_speedup:.2f}x faster on this target (predicted, at the layer limits)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "device": self.device, "batch_size": self.batch_size, "dense_ms": self.dense_ms,
+                "floor_speedup": self.floor_speedup, "will_speed_up": self.will_speed_up, "verdict": self.verdict,
+                "budget": self.budget, "uniform_speedup": self.uniform_speedup, "stepped_speedup": self.stepped_speedup,
+                "budget_problem": self.budget_problem,
+                "layers": [{"name": c.name, "counts": list(c.counts), "ms": list(c.ms)} for c in self.layers]}
+
+    def table(self, curve_points: int = 6) -> str:
+        """The outlook as text for the CLI (each curve shown at up to ``curve_points`` of its counts)."""
+        lines = [f"latency on {self.backend} ({self.device}), batch {self.batch_size}: dense {self.dense_ms:.3f} ms (calibrated)",
+                 self.verdict]
+        if self.budget is not None:
+            if self.budget_problem is not None:
+                lines.append(f"at {self.budget}: {self.budget_problem}")
+            else:
+                lines.append(f"at {self.budget}: uniform pruning {self.uniform_speedup:.2f}x, "
+                             f"with measured channel steps {self.stepped_speedup:.2f}x (predicted)")
+        if self.layers:
+            width = max(24, *(len(c.name) for c in self.layers))
+            lines += ["", f"{'layer latency curve':<{width}}  predicted network ms at kept channels (others whole)"]
+            for c in self.layers:
+                picks = sorted(set(np.linspace(0, len(c.counts) - 1, min(curve_points, len(c.counts))).round().astype(int).tolist()))
+                lines.append(f"{c.name:<{width}}  " + "  ".join(f"{c.counts[j]}:{c.ms[j]:.3f}" for j in picks))
+        return "\n".join(lines)
+
+
+def _without_steps(constraints: PruningConstraints) -> PruningConstraints:
+    if constraints.round_to == "measured":
+        return dataclasses.replace(constraints, round_to=None, steps=None)
+    return constraints
+
+
+def _speedup_at(pruner: Pruner, table: Any, constraints: PruningConstraints, limits: Mapping[str, float]) -> float:
+    checker = BudgetChecker.analytic(pruner.graph, constraints, limits, SizeModel.of(pruner.model, pruner.graph.dense_params),
+                                     latency=table)
+    kept = checker.kept(uniform_within(checker))
+    return float(table.dense_ms / table.predict(kept))
+
+
+def latency_outlook(pruner: Pruner, table: Any, budget: Budget | None = None) -> LatencyOutlook:
+    """Each layer's latency curve and the predicted speedups of ``pruner``'s model on ``table``'s
+    target (a built and calibrated ``LatencyTable``)."""
+    graph = pruner.graph
+    base = _without_steps(pruner.constraints)
+    floor = base.kept_vector(graph.channels, base.max_ratios(len(graph.layers)))
+    dense_ms = float(table.dense_ms)
+    curves = tuple(LayerCurve(layer.name, tuple(table.layer_grid(i)),
+                              tuple(float(v) for v in table.layer_curve(i, table.layer_grid(i))))
+                   for i, layer in enumerate(graph.layers))
+    outlook = LatencyOutlook(backend=table.backend.name, device=table.device, batch_size=int(table.batch_size), dense_ms=dense_ms,
+                             floor_speedup=dense_ms / float(table.predict(floor)), layers=curves)
+    if budget is None or not graph.layers:
+        return outlook
+    size = SizeModel.of(pruner.model, graph.dense_params)
+    limits = budget.ratio_limits(dense_values(graph.dense_macs, graph.dense_params, size, dense_ms))
+    stepped = dataclasses.replace(base, round_to="measured", steps=table.channel_steps(base.lowest_vector(graph.channels)))
+    try:
+        uniform, with_steps = _speedup_at(pruner, table, base, limits), _speedup_at(pruner, table, stepped, limits)
+    except BudgetError as exc:
+        return dataclasses.replace(outlook, budget=budget.describe(), budget_problem=str(exc))
+    return dataclasses.replace(outlook, budget=budget.describe(), uniform_speedup=uniform, stepped_speedup=with_steps)
+
+
+def latency_problems(pruner: Pruner, table: Any, budget: Budget) -> list[str]:
+    """Why ``budget``'s latency constraint cannot be met on ``table``'s target (empty: it can, or the
+    budget has none): no speedup worth a search at all (:data:`NO_SPEEDUP`), or a limit under the
+    latency floor (the prunability report's own check)."""
+    if budget.get("latency") is None or not pruner.graph.layers:
+        return []
+    base = _without_steps(pruner.constraints)
+    floor = base.kept_vector(pruner.graph.channels, base.max_ratios(len(pruner.graph.layers)))
+    speedup = float(table.dense_ms) / float(table.predict(floor))
+    if speedup < MIN_SPEEDUP:
+        return [f"{NO_SPEEDUP}: the latency table ({table.backend.name}, batch {table.batch_size}) predicts at most "
+                f"{speedup:.3f}x at the layer limits (under {MIN_SPEEDUP:g}x)"]
+    report = inspect_model(pruner, latency_table=table, verify=False)
+    return [m for m in report.below_floor(budget) if m.startswith(Resource.LATENCY.value)]

@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, cast
 
@@ -25,23 +22,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backends import LatencyBackend, TorchBackend, cpu_model, device_fingerprint
 from .errors import PrunePilotError
 from .graph import PruningGraph
-from .measure import Latency, measure_latency, torch_threads
+from .measure import Latency
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_fingerprint(threads: int, batch_size: int) -> str:
-    return f"cpu={cpu_model()}|threads={threads}|torch={torch.__version__.split('+')[0]}|batch={batch_size}"
+__all__ = ["FileLatencyStore", "LatencyStore", "LatencyTable", "channel_grid", "cpu_model", "device_fingerprint", "signature"]
 
 
 def signature(op: str, c_in: int, c_out: int, h: int, w: int, kernel: int, stride: int, padding: int, groups: int,
@@ -82,13 +68,28 @@ class FileLatencyStore:
         os.replace(tmp, self.path)
 
 
+# Measured channel steps (LatencyTable.channel_steps): a larger count that adds less than a quarter of
+# the layer's average per-channel latency per channel makes a smaller count not worth keeping; layers
+# whose whole latency range is under 1 % of the network's are left alone.
+STEP_SHARE = 0.25
+STEP_MIN_RANGE = 0.01
+
+
+# Spread grid points sit on multiples of this: kernels work on channel blocks (ONNX Runtime's CPU
+# convs on 8), so a grid point at a block's end, with the step point after it, shows the block.
+GRID_ALIGN = 8
+
+
 def channel_grid(channels: int, max_points: int = 12, step: int = 4) -> list[int]:
-    """Channel counts to measure: every ``step`` while that stays under ``max_points``, else evenly spread."""
+    """Channel counts to measure: every ``step`` while that stays under ``max_points``, else evenly
+    spread and rounded to multiples of :data:`GRID_ALIGN` (plus 1 and ``channels``)."""
     if channels <= 1:
         return [channels]
     points = list(range(step, channels, step))
     if len(points) + 2 > max_points:
-        points = sorted({int(round(x)) for x in np.linspace(1, channels, max_points)})
+        spread = np.linspace(1, channels, max_points)
+        points = sorted({max(GRID_ALIGN, int(round(x / GRID_ALIGN)) * GRID_ALIGN) for x in spread} - {channels})
+        points = [p for p in points if p < channels]
     return sorted({1, *points, channels})
 
 
@@ -107,6 +108,8 @@ class _ConvEntry:
     depthwise: bool
     cin_grid: list[int]
     cout_grid: list[int]
+    cin_steps: list[int] = field(default_factory=list)  # timed along c_in at the dense c_out only
+    cout_steps: list[int] = field(default_factory=list)  # timed along c_out at the dense c_in only
 
 
 def _probe_module(e: _ConvEntry, c_in: int, c_out: int) -> nn.Module:
@@ -116,29 +119,23 @@ def _probe_module(e: _ConvEntry, c_in: int, c_out: int) -> nn.Module:
     return nn.Sequential(conv, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)).eval()
 
 
-def _time_module(m: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            m(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            m(x)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1000.0
-
-
 class LatencyTable:
     """Lookup table for one architecture on one device; predicts a pruned model's latency."""
 
     def __init__(self, graph: PruningGraph, model: nn.Module, store: LatencyStore, batch_size: int = 1, threads: int = 2,
                  max_points: int = 12, step: int = 4, quantum: int | None = None,
                  timer: Callable[[nn.Module, torch.Tensor, int, int], float] | None = None,
-                 measure: Callable[..., Sequence[Latency]] | None = None) -> None:
+                 measure: Callable[..., Sequence[Latency]] | None = None, backend: LatencyBackend | None = None) -> None:
         self.graph = graph
-        # The clocks: ``timer(probe, x, warmup, repeats)`` gives one entry's median ms (default
-        # ``_time_module``), ``measure`` times whole models for ``calibrate`` (default
-        # ``measure_latency``, same signature). Tests pass deterministic stand-ins.
+        # Where entries and networks are timed (default: torch eager on this CPU at ``threads``);
+        # its fingerprint keys the stored entries. The measured latency check times on it too.
+        self.backend: LatencyBackend = backend if backend is not None else TorchBackend(threads)
+        backend_threads = getattr(self.backend, "threads", None)
+        if backend_threads is not None and backend_threads != threads:
+            raise PrunePilotError(f"latency backend pinned to {backend_threads} threads, table keyed for {threads}")
+        # Deterministic stand-ins for the torch backend's clocks (tests): ``timer(probe, x, warmup,
+        # repeats)`` gives one entry's median ms, ``measure`` times whole models for ``calibrate``
+        # (``measure_latency``'s signature). They replace the build's and the calibration's clocks only.
         self.timer = timer
         self.measure = measure
         # Kernels work on channel blocks, so latency can be a staircase in the channel count: on
@@ -149,9 +146,10 @@ class LatencyTable:
         self.quantum = 1 if quantum is None else quantum
         self.model = model
         self.store = store
+        self.max_points, self.step = max_points, step
         self.batch_size = batch_size
         self.threads = threads
-        self.device = device_fingerprint(threads, batch_size)
+        self.device = self.backend.fingerprint(threads, batch_size)
         self.entries: list[_ConvEntry] = []
         convs = [wm for wm in graph.weighted_modules() if wm.kind == "conv"]
         for wm in convs:
@@ -164,6 +162,8 @@ class LatencyTable:
                 channel_grid(wm.c_in, max_points, step) if (wm.varies_in and not wm.depthwise) else [wm.c_in],
                 channel_grid(wm.c_out, max_points, step) if wm.varies_out else [wm.c_out],
             ))
+            e = self.entries[-1]
+            e.cin_steps, e.cout_steps = _step_points(e.cin_grid), _step_points(e.cout_grid)
         self._rows = [wm.row for wm in convs]
         self._dense_in, self._dense_out = graph.module_widths(np.zeros(len(graph.layers)))
         self.values: dict[str, float] = {}
@@ -185,6 +185,11 @@ class LatencyTable:
                 for cout in e.cout_grid:
                     cin_eff = cout if e.depthwise else cin
                     out.append((e, cin_eff, cout, self._sig(e, cin_eff, cout)))
+            for cout in e.cout_steps:
+                cin_eff = cout if e.depthwise else e.c_in
+                out.append((e, cin_eff, cout, self._sig(e, cin_eff, cout)))
+            for cin in e.cin_steps:
+                out.append((e, cin, e.c_out, self._sig(e, cin, e.c_out)))
         return out
 
     def missing(self) -> list[tuple[_ConvEntry, int, int, str]]:
@@ -208,23 +213,28 @@ class LatencyTable:
         todo = self.missing()
         done = 0
         per_round = max(1, repeats // rounds)
-        timer = self.timer or _time_module
-        with torch_threads(self.threads):
-            for start in range(0, len(todo), flush_every):
-                if should_stop is not None and should_stop():
-                    break
-                chunk = todo[start:start + flush_every]
-                probes = [(_probe_module(e, cin, cout), torch.randn(self.batch_size, cin, e.h, e.w)) for e, cin, cout, _ in chunk]
-                best = [float("inf")] * len(chunk)
-                for r in range(rounds):
-                    for i, (module, x) in enumerate(probes):
-                        best[i] = min(best[i], timer(module, x, warmup if r == 0 else 1, per_round))
-                self.store.put(self.device, {sig: (ms, per_round * rounds) for (*_, sig), ms in zip(chunk, best, strict=True)})
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, len(todo))
+        clock = self._entry_clock()
+        for start in range(0, len(todo), flush_every):
+            if should_stop is not None and should_stop():
+                break
+            chunk = todo[start:start + flush_every]
+            probes = [(_probe_module(e, cin, cout), torch.randn(self.batch_size, cin, e.h, e.w)) for e, cin, cout, _ in chunk]
+            best = clock.time_entries(probes, warmup, per_round, rounds)
+            self.store.put(self.device, {sig: (ms, per_round * rounds) for (*_, sig), ms in zip(chunk, best, strict=True)})
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(todo))
         self.load()
         return done
+
+    def _entry_clock(self) -> LatencyBackend:
+        return TorchBackend(self.threads, timer=self.timer) if self.timer is not None else self.backend
+
+    def measure_models(self, models: Sequence[nn.Module], warmup: int, repeats: int) -> list[Latency]:
+        """Whole networks timed interleaved on the table's clock (the backend, or the test stand-in)."""
+        if self.measure is not None:
+            return list(self.measure(models, self.graph.input_size, self.batch_size, self.threads, warmup=warmup, repeats=repeats))
+        return self.backend.measure(models, self.graph.input_size, self.batch_size, self.threads, warmup, repeats)
 
     def load(self) -> None:
         known = self.store.get(self.device)
@@ -234,20 +244,29 @@ class LatencyTable:
             raise PrunePilotError(f"latency table incomplete on {self.device}: {len(lacking)} entries missing; build it first")
         self.values = {s: known[s] for *_, s in sigs}
         self._grids = []
+        self._lines: list[tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = []
         for e in self.entries:
             grid = np.array([[self.values[self._sig(e, cout if e.depthwise else cin, cout)] for cout in e.cout_grid]
                              for cin in e.cin_grid])
-            self._grids.append((np.array(e.cin_grid, dtype=np.float64), np.array(e.cout_grid, dtype=np.float64), grid))
+            self._grids.append((np.array(e.cin_grid, dtype=np.float64), np.array(e.cout_grid, dtype=np.float64), _monotone(grid)))
+            outs = sorted({*e.cout_grid, *e.cout_steps})
+            ins = sorted({*e.cin_grid, *e.cin_steps})
+            along_out = np.array([self.values[self._sig(e, c if e.depthwise else e.c_in, c)] for c in outs])
+            along_in = np.array([self.values[self._sig(e, c, e.c_out)] for c in ins])
+            self._lines.append(((np.array(ins, dtype=np.float64), _monotone(along_in[:, None])[:, 0]),
+                                (np.array(outs, dtype=np.float64), _monotone(along_out[None, :])[0])))
 
-    def calibrate(self, repeats: int = 40, probes: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 0) -> float:
+    def calibrate(self, repeats: int = 40, probes: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 0,
+                  rounds: int = 3) -> float:
         """Fit ``latency = remainder + scale * sum(entries)`` to end-to-end measurements.
 
         Layers timed alone do not run at the speed they run inside the network (caches, neighbours,
-        the model's own overhead; the fitted scale has come out between 0.87 and 1.11 here), so the
-        raw sum misjudges what pruning saves. The dense model and a few pruned variants
-        (uniform at ``probes`` and as many random profiles) are measured interleaved in one run and
-        the two coefficients fitted by least squares; the layer entries keep the shape, the fit
-        the scale. Returns the fitted dense latency.
+        the model's own overhead and the ops beside the convs, such as squeeze-excitation), so the
+        raw sum misjudges what pruning saves. The dense model and a few pruned variants (uniform at
+        ``probes`` and as many random profiles) are measured interleaved, in ``rounds`` separate
+        runs of about ``repeats / rounds`` runs each; each network's latency as a share of dense
+        is taken per run and its median over the runs kept, so a burst of load in one run decides
+        nothing (docs/benchmarks.md: a single run's fit swung widely on a loaded machine). See :meth:`refit` for the fit. Returns the dense latency.
         """
         from .strategy import PruningConstraints
 
@@ -257,25 +276,36 @@ class LatencyTable:
         vectors = [np.zeros(n)] + [np.full(n, p) for p in probes] + [rng.uniform(0.0, 0.8, n) for _ in probes]
         kept = [limits.kept_vector(self.graph.channels, v) for v in vectors]
         models = [self.model] + [_pruned_copy(self.graph, self.model, k) for k in kept[1:]]
-        measure = self.measure or measure_latency
-        measured = measure(models, self.graph.input_size, self.batch_size, self.threads, warmup=5, repeats=repeats)
-        self._calibration_points = (kept, np.array([m.median_ms for m in measured]))
+        per_round = max(3, -(-repeats // max(1, rounds)))
+        runs = [np.array([m.median_ms for m in self.measure_models(models, warmup=5 if r == 0 else 1, repeats=per_round)])
+                for r in range(max(1, rounds))]
+        shares = np.median(np.stack([t / t[0] for t in runs]), axis=0)
+        dense = float(np.median([t[0] for t in runs]))
+        self._calibration_points = (kept, shares * dense)
         return self.refit()
 
     def refit(self) -> float:
         """Fit remainder and scale again to the last calibration's measurements (after changing
-        ``quantum``, say); returns the fitted dense latency."""
+        ``quantum``, say); returns the dense latency.
+
+        The fit is on shares of dense: a network whose entries sum to a fraction ``1 - x`` of the
+        dense sum measures ``1 - b * x`` of dense, ``b`` by least squares (the share of the dense
+        latency that scales with the entries), held at ``b >= 0``: measurements in which pruning
+        did not pay are fitted as no gain, never as pruned networks slower than dense. The dense
+        point is met exactly; scale and remainder follow from ``b`` and the dense latency.
+        """
         if self._calibration_points is None:
             raise PrunePilotError("latency table not calibrated: call calibrate() first")
         kept, times = self._calibration_points
         sums = np.array([self.layers_ms(self.graph.channels - k) for k in kept])
-        design = np.stack([np.ones_like(sums), sums], axis=1)
-        (remainder, scale), *_ = np.linalg.lstsq(design, times, rcond=None)
-        if scale <= 0:  # degenerate fit (noise swamped the signal): fall back to the plain sum
-            remainder, scale = float(times[0] - sums[0]), 1.0
-        self.scale = float(scale)
-        self.remainder_ms = float(remainder)
-        self.dense_measured_ms = float(remainder + scale * sums[0])
+        dense = float(times[0])
+        removed = 1.0 - sums / sums[0]  # share of the dense entry sum each network's pruning removed
+        saved = 1.0 - times / dense  # share of the dense latency it saved, as measured
+        denom = float(np.dot(removed, removed))
+        share = max(0.0, float(np.dot(removed, saved)) / denom) if denom > 0 else 0.0
+        self.scale = share * dense / float(sums[0])
+        self.remainder_ms = (1.0 - share) * dense
+        self.dense_measured_ms = dense
         self.calibration = {"measured_ms": times.tolist(), "layer_sums_ms": sums.tolist(), "scale": self.scale,
                             "remainder_ms": self.remainder_ms}
         return self.dense_measured_ms
@@ -327,9 +357,116 @@ class LatencyTable:
             raise PrunePilotError("latency table not calibrated")
         return self.dense_measured_ms
 
+    # ------------------------------------------------------------------ per-layer curves and steps
+
+    def layer_sums(self, index: int, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The sum of the table's entries (uncalibrated ms) with prunable layer ``index`` keeping each
+        of ``counts`` channels and every other layer whole; only the convs that layer touches are looked up."""
+        n = len(self.graph.layers)
+        base_in, base_out = self._dense_in, self._dense_out
+        dense = np.array([self.lookup(i, base_in[row], base_out[row]) for i, row in enumerate(self._rows)])
+        total = float(dense.sum())
+        out = np.empty(len(counts), dtype=np.float64)
+        channels = int(self.graph.channels[index])
+        for j, c in enumerate(counts):
+            pruned = np.zeros(n)
+            pruned[index] = channels - int(c)
+            cin, cout = self.graph.module_widths(pruned)
+            cin, cout = self._quantize(cin, self._dense_in), self._quantize(cout, self._dense_out)
+            changed = [(i, row) for i, row in enumerate(self._rows) if cin[row] != base_in[row] or cout[row] != base_out[row]]
+            out[j] = total + sum(self._lookup_one_axis(i, cin[row], cout[row]) - dense[i] for i, row in changed)
+        return out
+
+    def _lookup_one_axis(self, index: int, c_in: float, c_out: float) -> float:
+        """:meth:`lookup` where one width is dense: along that conv's finer line of entries (the grid
+        plus one count above each grid point), which shows where a kernel's channel block ends."""
+        e = self.entries[index]
+        (ins, along_in), (outs, along_out) = self._lines[index]
+        if e.depthwise or c_in == e.c_in:
+            return _linear(outs, along_out, c_out)
+        if c_out == e.c_out:
+            return _linear(ins, along_in, c_in)
+        return self.lookup(index, c_in, c_out)
+
+    def layer_grid(self, index: int) -> list[int]:
+        """The channel counts the table measures for prunable layer ``index`` (grid and step points)."""
+        grid = channel_grid(int(self.graph.channels[index]), self.max_points, self.step)
+        return sorted({*grid, *_step_points(grid)})
+
+    def layer_curve(self, index: int, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Predicted (calibrated) network ms with layer ``index`` at each of ``counts`` channels, others whole."""
+        if self.dense_measured_ms is None:
+            raise PrunePilotError("latency table not calibrated: call calibrate() after building")
+        return self.remainder_ms + self.scale * self.layer_sums(index, counts)
+
+    def channel_steps(self, lowest: np.ndarray | None = None, share: float = STEP_SHARE,
+                      min_range: float = STEP_MIN_RANGE) -> tuple[tuple[int, ...], ...]:
+        """Each prunable layer's *efficient* channel counts, for ``PruningConstraints(round_to="measured")``.
+
+        With layer i alone pruned to c channels the table predicts L(c) (:meth:`layer_sums`; the
+        calibration's scale does not change the answer). A count c is efficient when every larger
+        count x costs more than ``share`` of the layer's average per-channel latency per extra
+        channel: L(x) > L(c) + share * s * (x - c), s = (L(C) - L(lowest)) / (C - lowest). Otherwise
+        some larger count is about as fast (a step of the staircase that c uses only part of), and
+        snapping c down to the largest efficient count e below it saves more than ``share * s`` per
+        channel removed (e is efficient, so L(c) > L(e) + share * s * (c - e)). On a smooth curve
+        every count is efficient (nothing is snapped). A layer whose whole range L(C) - L(lowest)
+        is under ``min_range`` of the dense network's entry sum keeps every count: its steps are
+        within the table's noise. ``lowest``: the fewest channels each layer may keep (default 1).
+        """
+        channels = self.graph.channels.astype(np.int64)
+        lows = np.ones_like(channels) if lowest is None else np.asarray(lowest, dtype=np.int64)
+        dense_total = self.layers_ms(np.zeros(len(channels)))
+        steps: list[tuple[int, ...]] = []
+        for i, (c_max, lo) in enumerate(zip(channels.tolist(), lows.tolist(), strict=True)):
+            counts = np.arange(max(1, lo), c_max + 1)
+            if len(counts) <= 1:
+                steps.append(tuple(int(c) for c in counts))
+                continue
+            sums = self.layer_sums(i, counts)
+            span = float(sums[-1] - sums[0])
+            if span < min_range * dense_total:
+                steps.append(tuple(int(c) for c in counts))
+                continue
+            slack = share * span / (len(counts) - 1)
+            g = sums - slack * counts  # c is efficient iff g(c) < g(x) for every x > c
+            after = np.append(np.minimum.accumulate(g[::-1])[::-1][1:], np.inf)
+            steps.append(tuple(int(c) for c in counts[g < after]))
+        return tuple(steps)
+
     def summary(self) -> dict[str, object]:
-        return {"device": self.device, "entries": len(self.values), "layers": len(self.entries), "quantum": self.quantum,
+        return {"backend": self.backend.name, "device": self.device, "entries": len(self.values), "layers": len(self.entries), "quantum": self.quantum,
                 "dense_ms": self.dense_measured_ms, "remainder_ms": self.remainder_ms, "scale": self.scale}
+
+
+def _step_points(grid: list[int]) -> list[int]:
+    """One count above each grid point, inside the range: kernels work on channel blocks (ONNX
+    Runtime's CPU convs run multiples of 8 far faster than the counts around them), and the count
+    just past a block shows the jump that interpolating between grid points smooths over. Timed
+    along one axis at the other's dense width only, for the per-layer curves and channel steps."""
+    top = grid[-1]
+    return sorted({g + 1 for g in grid if g + 1 < top} - set(grid))
+
+
+def _linear(xs: np.ndarray, ys: np.ndarray, x: float) -> float:
+    if len(xs) == 1:
+        return float(ys[0])
+    if x < xs[0] - 1e-9 or x > xs[-1] + 1e-9:
+        raise PrunePilotError(f"channel count {x:g} outside the table's range [{xs[0]:g}, {xs[-1]:g}]")
+    return float(np.interp(x, xs, ys))
+
+
+def _monotone(grid: np.ndarray) -> np.ndarray:
+    """The grid made non-decreasing in both channel counts: each entry becomes the least of itself and
+    every entry with at least as many input and output channels.
+
+    An entry timed slower than a larger one is a slow kernel path for that width (or noise): the
+    table then predicts the larger width's time, so removing channels never raises a prediction
+    and a pruned network is never predicted slower than the dense one. The measured latency check
+    still times the real network; ``round_to="measured"`` steers counts off such widths.
+    """
+    out = np.minimum.accumulate(grid[::-1, :], axis=0)[::-1, :]
+    return np.minimum.accumulate(out[:, ::-1], axis=1)[:, ::-1]
 
 
 def _pruned_copy(graph: PruningGraph, model: nn.Module, kept: np.ndarray) -> nn.Module:

@@ -97,6 +97,13 @@ class Latency:
     repeats: int
 
 
+def latency_from_times(times_ms: Sequence[float], batch_size: int, threads: int) -> Latency:
+    """Median and 10th / 90th percentiles of raw per-run milliseconds."""
+    ts = list(times_ms)
+    q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
+    return Latency(statistics.median(ts), q[0], q[-1], batch_size, threads, len(ts))
+
+
 def measure_latency(
     models: Sequence[nn.Module],
     input_size: int,
@@ -131,11 +138,7 @@ def measure_latency(
                 models[i](x)
                 times[i].append((time.perf_counter() - t0) * 1000.0)
             r += 1
-    out = []
-    for ts in times:
-        q = statistics.quantiles(ts, n=10) if len(ts) >= 2 else [ts[0]] * 9
-        out.append(Latency(statistics.median(ts), q[0], q[-1], batch_size, threads or torch.get_num_threads(), len(ts)))
-    return out
+    return [latency_from_times(ts, batch_size, threads or torch.get_num_threads()) for ts in times]
 
 
 def measure_pair(
@@ -148,9 +151,9 @@ def measure_pair(
     repeats: int = 60,
     rounds: int = 3,
 ) -> tuple[Latency, Latency]:
-    """``reference`` and ``model`` in ``rounds`` separate interleaved runs; returns the run whose
-    model/reference ratio is the median, so one burst of load elsewhere cannot decide the figure."""
-    runs = [measure_latency([reference, model], input_size, batch_size, threads, warmup=warmup, repeats=repeats)
-            for _ in range(rounds)]
-    ref, mine = sorted(runs, key=lambda r: r[1].median_ms / r[0].median_ms)[len(runs) // 2]
-    return ref, mine
+    """:func:`prunepilot.compression.backends.measure_pair` in PyTorch eager on this CPU: ``reference``
+    and ``model`` in ``rounds`` separate interleaved runs, the run with the median ratio."""
+    from .backends import TorchBackend
+    from .backends import measure_pair as on_backend
+
+    return on_backend(TorchBackend(threads), reference, model, input_size, batch_size, threads, warmup, repeats, rounds)

@@ -7,9 +7,11 @@ so a strategy always means exactly one pruned architecture.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -27,22 +29,35 @@ class PruningConstraints:
     counts to a multiple (hardware-friendly widths), off by default; at least one channel stays.
     ``exclude`` names layers to leave whole (any conv/linear of their channel group); they drop
     out of the prunable layers altogether, so strategies and agents never see them.
+
+    ``round_to="measured"`` snaps each layer's kept count down to a count the latency table
+    measured as worth its latency (the layer's *efficient* counts, ``steps``; see
+    ``LatencyTable.channel_steps``): the count itself when every larger count costs more, else the
+    largest efficient count below it. ``steps`` holds those counts per prunable layer, set once the
+    table is built (the pipeline does it); until then counts are not snapped. Snapping only ever
+    removes channels, so a strategy within a budget stays within it.
     """
 
     max_ratio: float = 0.8
     first_layer_max_ratio: float = 0.5
-    round_to: int | None = None
+    round_to: int | Literal["measured"] | None = None
     min_channels: int = 1
     exclude: tuple[str, ...] = ()
+    steps: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", tuple(self.exclude))  # lists arrive from JSON
+        if self.round_to == "measured" or self.steps is not None:
+            if self.round_to != "measured":
+                raise StrategyError("channel steps are only used with round_to='measured'")
+            if self.steps is not None:
+                object.__setattr__(self, "steps", tuple(tuple(sorted(int(c) for c in layer)) for layer in self.steps))
+        elif isinstance(self.round_to, str) or (self.round_to is not None and self.round_to < 1):
+            raise StrategyError("round_to must be a positive integer or 'measured'")
         if not 0.0 <= self.max_ratio < 1.0:
             raise StrategyError(f"max_ratio must be in [0, 1), got {self.max_ratio}")
         if not 0.0 <= self.first_layer_max_ratio < 1.0:
             raise StrategyError(f"first_layer_max_ratio must be in [0, 1), got {self.first_layer_max_ratio}")
-        if self.round_to is not None and self.round_to < 1:
-            raise StrategyError("round_to must be a positive integer")
         if self.min_channels < 1:
             raise StrategyError("min_channels must be at least 1")
 
@@ -58,18 +73,36 @@ class PruningConstraints:
         limit = self.max_ratios(len(channels))
         ratios = np.minimum(np.maximum(np.asarray(ratios, dtype=np.float64), 0.0), limit)
         keep = channels - np.floor(ratios * channels + 1e-9).astype(np.int64)
-        if self.round_to and self.round_to > 1:
+        if isinstance(self.round_to, int) and self.round_to > 1:
             rounded = np.maximum(self.round_to, np.round(keep / self.round_to).astype(np.int64) * self.round_to)
             keep = np.where(channels > self.round_to, rounded, keep)
-        lowest = np.maximum(self.min_channels, np.ceil((1.0 - limit) * channels - 1e-9).astype(np.int64))
-        return np.minimum(channels, np.maximum(np.maximum(keep, lowest), 1))
+        elif self.steps is not None:
+            keep = np.array([self._snap(i, int(k)) for i, k in enumerate(keep)], dtype=np.int64)
+        return np.minimum(channels, np.maximum(np.maximum(keep, self.lowest_vector(channels)), 1))
+
+    def lowest_vector(self, channels: np.ndarray) -> np.ndarray:
+        """The fewest channels each layer may keep (its largest ratio, ``min_channels``)."""
+        channels = np.asarray(channels, dtype=np.int64)
+        limit = self.max_ratios(len(channels))
+        return np.minimum(channels, np.maximum(self.min_channels, np.ceil((1.0 - limit) * channels - 1e-9).astype(np.int64)))
+
+    def _snap(self, index: int, keep: int) -> int:
+        """The largest efficient count of layer ``index`` at or below ``keep`` (``keep`` if none)."""
+        assert self.steps is not None
+        if index >= len(self.steps):
+            raise StrategyError(f"channel steps cover {len(self.steps)} layers, not layer {index}")
+        efficient = self.steps[index]
+        j = bisect.bisect_right(efficient, keep)
+        return efficient[j - 1] if j > 0 else keep
 
     def kept(self, channels: int, ratio: float, index: int) -> int:
         """Channels kept when ``ratio`` of ``channels`` is removed from layer ``index``."""
         ratio = min(max(ratio, 0.0), self.layer_max(index))
         keep = channels - math.floor(ratio * channels + 1e-9)
-        if self.round_to and self.round_to > 1 and channels > self.round_to:
+        if isinstance(self.round_to, int) and self.round_to > 1 and channels > self.round_to:
             keep = max(self.round_to, int(round(keep / self.round_to)) * self.round_to)
+        elif self.steps is not None:
+            keep = self._snap(index, keep)
         lowest = max(self.min_channels, math.ceil((1.0 - self.layer_max(index)) * channels - 1e-9))
         return int(min(channels, max(keep, lowest, 1)))
 

@@ -7,7 +7,8 @@ case "${1:-api}" in
     exec ray start --head --port=6379 --node-ip-address="$(hostname -i | cut -d' ' -f1)" --num-cpus=0 --include-dashboard=false --block
     ;;
   worker)
-    exec ray start --address="${RAY_HEAD:-ray-head:6379}" --num-cpus="${WORKER_CPUS:-2}" --block
+    # GPUs: Ray counts the ones this container sees (none in a CPU worker); WORKER_GPUS overrides it.
+    exec ray start --address="${RAY_HEAD:-ray-head:6379}" --num-cpus="${WORKER_CPUS:-2}" ${WORKER_GPUS:+--num-gpus="$WORKER_GPUS"} --block
     ;;
   api)
     # A Ray driver needs a raylet on its own machine: join the cluster with zero CPUs, then serve.

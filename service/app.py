@@ -16,13 +16,15 @@ from prunepilot import __version__
 from prunepilot.compression import PrunePilotError, UnknownArchitectureError
 
 from . import logs
+from .api import devices as devices_api
 from .api import inspect as inspect_api
 from .api import jobs as jobs_api
 from .api import meta as meta_api
 from .api.errors import handle_validation
-from .auth import Unauthorized, principal_for
+from .auth import Forbidden, Unauthorized, principal_for
 from .db.engine import StoreError
 from .db.migrate import ensure_current
+from .devices import DeviceService
 from .jobs import InvalidJob, JobService, NotFound, NotReady, QuotaExceeded
 from .middleware import LimitsAndLogs
 from .settings import Settings, get_settings
@@ -67,10 +69,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "Authenticate with `Authorization: Bearer <key>` (`prunepilot keys create`).")
     app.state.settings = settings
     app.state.jobs = JobService(settings)
+    app.state.devices = DeviceService(settings)
     app.state.ray_mode = "off"
 
     app.add_middleware(LimitsAndLogs, max_body=2 * settings.max_upload_bytes + (1 << 20),
-                       authenticate=partial(principal_for, settings), unauthorized=Unauthorized, unavailable=StoreError)
+                       authenticate=partial(principal_for, settings), unauthorized=Unauthorized, unavailable=StoreError,
+                       forbidden=Forbidden)
 
     def handler(code: int):
         async def handle(_: Request, exc: Exception) -> JSONResponse:
@@ -95,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs_api.router)
     app.include_router(meta_api.router)
     app.include_router(inspect_api.router)
+    app.include_router(devices_api.router)
     from .api import dashboard as dashboard_api
 
     app.include_router(dashboard_api.router)

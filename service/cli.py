@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -43,6 +43,10 @@ ModelOpt = Annotated[str, typer.Option("--model", "--arch", help="the model: a b
                                       "plugin:<name>, or a path to an .onnx file")]
 InputSizeOpt = Annotated[int | None, typer.Option(help="input resolution in pixels (default: the model's own fixed size, else the "
                                                   "images' native size; 32 where there are no images)")]
+LatencyBackendOpt = Annotated[str, typer.Option("--latency-backend", help="where latency is measured: torch (PyTorch eager on "
+                                                 "this CPU), onnxruntime (ONNX Runtime, CPU execution provider) or cuda")]
+RoundToOpt = Annotated[str | None, typer.Option(help="round kept channels to a multiple (an integer), or 'measured': down to the "
+                                                "latency table's efficient counts (builds the table for --latency-backend)")]
 MeanOpt = Annotated[str | None, typer.Option(help="input normalization mean R,G,B on a 0-1 scale (default: the model's own, else ImageNet's)")]
 StdOpt = Annotated[str | None, typer.Option(help="input normalization std R,G,B (default: as --mean)")]
 
@@ -93,6 +97,55 @@ def _open_model(model: str, weights: Path | None, input_size: int | None, mean: 
 
 def _triple(values: Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in values)
+
+
+def _round_to(value: str | None) -> int | Literal["measured"] | None:
+    """--round-to: a positive integer or 'measured' (one CLI line otherwise)."""
+    if value is None or value == "measured":
+        return value  # type: ignore[return-value]  # the literal itself
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        _fail(f"--round-to must be a positive integer or 'measured', got {value!r}")
+    return n
+
+
+def _latency_table(graph: PruningGraph, model: nn.Module, backend_name: str, batch: int, threads: int,
+                   calibrate: bool = True) -> tuple[Any, int]:
+    """This machine's latency table for ``model`` on ``backend_name``, built (or reused) in the
+    service's database with a progress bar, and the entries measured now; calibrated unless
+    ``calibrate`` is False."""
+    from tqdm import tqdm
+
+    from prunepilot.compression.backends import local_backend
+    from prunepilot.compression.latency import LatencyTable
+
+    from .db.migrate import ensure_current
+    from .db.store import JobStore
+    from .latency_store import SqlLatencyStore
+
+    settings = get_settings()
+    ensure_current(settings.db_url)
+    table = LatencyTable(graph, model, SqlLatencyStore(JobStore(settings.db_url)), batch, threads, backend=local_backend(backend_name, threads))
+    todo = len(table.missing())
+    with tqdm(total=todo, desc=f"measuring layers ({backend_name})", unit="entry", disable=todo == 0) as bar:
+        measured = table.build(progress=lambda done, total: bar.update(done - bar.n))
+    if calibrate:
+        table.calibrate()
+    return table, measured
+
+
+def _measured_steps(pruner: Pruner, backend_name: str, threads: int) -> None:
+    """round_to='measured': give ``pruner``'s constraints the latency table's channel steps."""
+    import dataclasses
+
+    if pruner.constraints.round_to != "measured" or not pruner.layers:
+        return
+    table, _ = _latency_table(pruner.graph, pruner.model, backend_name, 1, threads, calibrate=False)
+    lowest = pruner.constraints.lowest_vector(pruner.graph.channels)
+    pruner.constraints = dataclasses.replace(pruner.constraints, steps=table.channel_steps(lowest))
 
 
 def _pruner(m: _Model, constraints: PruningConstraints | None = None) -> Pruner:
@@ -146,11 +199,14 @@ def inspect(
     std: StdOpt = None,
     max_ratio: Annotated[float, typer.Option(help="largest ratio any layer may take")] = 0.8,
     exclude: Annotated[list[str] | None, typer.Option(help="a layer to leave whole (repeatable)")] = None,
-    latency: Annotated[bool, typer.Option("--latency", help="build (or reuse) this machine's latency table for the model and add the latency floor")] = False,
+    latency: Annotated[bool, typer.Option("--latency", help="build (or reuse) this machine's latency table for the model and add the "
+                                          "latency floor, each layer's latency curve and the predicted speedups")] = False,
+    latency_backend: LatencyBackendOpt = "torch",
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """Prunability report before any search: prunable channel groups, layers left whole and why, the
-    reachable floor of each resource, dense figures, and the time a search would take here."""
+    reachable floor of each resource, dense figures, and the time a search would take here. With
+    --latency: whether pruning makes the model faster on --latency-backend, and by how much."""
     from prunepilot.compression import Budget, parse_constraint
     from prunepilot.compression.inspect import timed_report
 
@@ -158,23 +214,26 @@ def inspect(
     m = _open_model(model, weights, input_size, mean, std)
     pruner = _pruner(m, PruningConstraints(max_ratio=max_ratio, exclude=tuple(exclude or ())))
     table = None
+    wanted = Budget(constraints=[parse_constraint(b) for b in budget]) if budget else None
+    outlook = None
     if latency and pruner.layers:
-        from prunepilot.compression.latency import LatencyTable
+        from prunepilot.compression.inspect import latency_outlook, latency_problems
 
-        from .db.migrate import ensure_current
-        from .latency_store import SqlLatencyStore
-
-        ensure_current(settings.db_url)
-        table = LatencyTable(pruner.graph, pruner.model, SqlLatencyStore(settings.db_url), 1, settings.threads)
-        table.build()
-        table.calibrate()
+        latency_batch = wanted.get("latency").batch_size if wanted is not None and wanted.get("latency") is not None else 1  # type: ignore[union-attr]
+        table, _ = _latency_table(pruner.graph, pruner.model, latency_backend, latency_batch, settings.threads)
+        outlook = latency_outlook(pruner, table, wanted)
     report = timed_report(pruner, evaluations, settings.threads, latency_table=table)
-    problems = report.below_floor(Budget(constraints=[parse_constraint(b) for b in budget])) if budget else []
+    problems = report.below_floor(wanted) if wanted is not None else []
+    if outlook is not None and wanted is not None:
+        problems = [*latency_problems(pruner, table, wanted), *(p for p in problems if not p.startswith("latency"))]
     if as_json:
-        console.print_json(json.dumps({**report.to_dict(), "budget_problems": problems}))
+        console.print_json(json.dumps({**report.to_dict(), "budget_problems": problems,
+                                       "latency": outlook.to_dict() if outlook is not None else None}))
     else:
         console.print(f"input: {m.size}x{m.size} RGB, mean {_triple(m.inputs.mean)}, std {_triple(m.inputs.std)}", highlight=False)
         console.print(report.table(), highlight=False, markup=False)
+        if outlook is not None:
+            console.print("\n" + outlook.table(), highlight=False, markup=False)
         if budget and not problems:
             console.print(f"budget {', '.join(budget)}: reachable", highlight=False)
     if problems:
@@ -199,7 +258,9 @@ def prune(
     model: ModelOpt,
     out: Annotated[Path, typer.Option(help="output directory for the artifact and report")],
     weights: Annotated[Path | None, typer.Option(help="state dict (.pt/.th) or .safetensors (not for an .onnx model)")] = None,
-    data: Annotated[str, typer.Option(help="cifar10-jpeg, or an ImageFolder directory / zip")] = "cifar10-jpeg",
+    data: Annotated[str, typer.Option(help="cifar10-jpeg, a data set registered in PRUNEPILOT_DATASETS, or an ImageFolder "
+                                           "directory / zip (a directory larger than PRUNEPILOT_MAX_DECODED_BYTES decoded is "
+                                           "streamed from its files)")] = "cifar10-jpeg",
     budget: Annotated[list[str] | None, typer.Option(help="prune uniformly as little as meets it: flops=0.5, params=40%, size=1MB (repeatable)")] = None,
     uniform: Annotated[float | None, typer.Option(help="one sparsity ratio for every prunable layer, in [0, 1)")] = None,
     strategy: Annotated[Path | None, typer.Option(help="JSON file {layer: ratio}")] = None,
@@ -207,7 +268,8 @@ def prune(
     mean: MeanOpt = None,
     std: StdOpt = None,
     criterion: Annotated[str, typer.Option(help=f"channel importance: {', '.join(CRITERIA)}")] = "l2",
-    round_to: Annotated[int | None, typer.Option(help="round kept channels to a multiple")] = None,
+    round_to: RoundToOpt = None,
+    latency_backend: LatencyBackendOpt = "torch",
     max_ratio: Annotated[float, typer.Option(help="largest ratio any layer may take")] = 0.8,
     exclude: Annotated[list[str] | None, typer.Option(help="a layer to leave whole (repeatable; names as `prunepilot profile` lists them)")] = None,
     finetune_epochs: Annotated[float, typer.Option(help="epochs of fine-tuning after pruning")] = 0.0,
@@ -215,10 +277,17 @@ def prune(
     distill: Annotated[bool, typer.Option(help="distil from the dense model while fine-tuning")] = False,
     finetune_dense: Annotated[bool, typer.Option(help="also fine-tune the dense model with the same budget")] = False,
     test_images: Annotated[int | None, typer.Option(help="evaluate on a class-stratified subset of the test split")] = None,
+    device: Annotated[str | None, typer.Option(help="compute device of BN re-estimation, fine-tuning and test accuracy: auto "
+                                               "(CUDA when present), cpu, cuda or cuda:N (default: PRUNEPILOT_DEVICE, auto); "
+                                               "latency is still measured on this machine's CPU")] = None,
 ) -> None:
     """Prune to a budget, a uniform ratio or a strategy file; fine-tune, measure, write artifact + report
     (an .onnx model also gets OUT/model.onnx, checked in ONNX Runtime)."""
     settings = get_settings()
+    from prunepilot.compression.compute_device import describe as describe_device
+    from prunepilot.compression.compute_device import resolve_device
+
+    compute = resolve_device(device or settings.device)  # before anything is loaded: `--device cuda` without CUDA is one line
     if sum(x is not None for x in (budget or None, uniform, strategy)) != 1:
         _fail("give exactly one of --budget, --uniform or --strategy")
     if uniform is not None and not 0.0 <= uniform < 1.0:
@@ -233,7 +302,11 @@ def prune(
     from .workspace import open_session
 
     m = _open_model(model, weights, input_size, mean, std)  # checks the model (and its weights) before the data set is decoded
-    constraints = PruningConstraints(max_ratio=max_ratio, round_to=round_to, exclude=tuple(exclude or ()))
+    constraints = PruningConstraints(max_ratio=max_ratio, round_to=_round_to(round_to), exclude=tuple(exclude or ()))
+    if constraints.round_to == "measured":  # the backend is checked before the data set is decoded
+        from prunepilot.compression.backends import local_backend
+
+        local_backend(latency_backend, settings.threads)
     early = _pruner(m, constraints)  # a misspelt layer or an unreachable budget fails here, before the data is decoded
     if not early.layers:
         _fail(f"{m.source.ref} has no prunable layers" + (" left after the exclusions" if constraints.exclude else "")
@@ -246,6 +319,7 @@ def prune(
         uniform_within(analytic_checker(m.dense, early.graph, early.constraints, wanted))
     session = open_session(m.source, weights, data, settings, constraints, criterion, progress=True, inputs=m.inputs)
     pruner = session.pruner
+    _measured_steps(pruner, latency_backend, settings.threads)
     said: list[str] = []
     if wanted is not None:
         ratios = uniform_within(analytic_checker(session.model, pruner.graph, pruner.constraints, wanted))
@@ -270,13 +344,14 @@ def prune(
 
         result = finish(pruner, session.splits, chosen,
                         FinalConfig(finetune=config, finetune_dense=finetune_dense, test_images=test_images),
-                        PipelineHooks(threads=settings.threads, on_finetune_step=on_step))
+                        PipelineHooks(threads=settings.threads, on_finetune_step=on_step, device=compute,
+                                      gpu_eval_batch=settings.gpu_eval_batch))
     said.append("BatchNorm statistics were re-estimated on training images after pruning"
                 + (f", then fine-tuned {finetune_epochs:g} epoch(s)" if finetune_epochs else
                    "; no fine-tuning (--finetune-epochs 0), so expect a large accuracy drop: fine-tune with "
                    "--finetune-epochs N, or search per-layer ratios with `prunepilot submit`"))
     report: dict[str, Any] = {"arch": m.source.ref, "weights": str(weights) if weights else None, "data": data, "criterion": criterion,
-                              "data_splits": session.splits.describe(),
+                              "data_splits": session.splits.describe(), "compute_device": describe_device(compute),
                               "finetune": config.__dict__, **result.report()}
     save_artifact(result.pruned.model, result.pruned.spec, out, report)
     _print_final(report)
@@ -356,28 +431,16 @@ def latency_build(
     weights: Annotated[Path | None, typer.Option(help="weights (their shapes decide the layers; optional)")] = None,
     input_size: InputSizeOpt = None,
     batch: Annotated[int, typer.Option(help="batch size the table is for")] = 1,
+    latency_backend: LatencyBackendOpt = "torch",
 ) -> None:
     """Measure (or reuse) the table for this machine, stored in the database; Ctrl-C keeps what was measured."""
     import torch
-    from tqdm import tqdm
-
-    from prunepilot.compression.latency import LatencyTable
-
-    from .db.migrate import ensure_current
-    from .latency_store import SqlLatencyStore
 
     settings = get_settings()
-    ensure_current(settings.db_url)
     torch.set_num_threads(settings.threads)
     m = _open_model(model, weights, input_size, None, None)
     arch = m.source.ref
-    graph = PruningGraph(m.dense, m.size)
-    model_ = m.dense
-    table = LatencyTable(graph, model_, SqlLatencyStore(settings.db_url), batch, settings.threads)
-    todo = len(table.missing())
-    with tqdm(total=todo, desc="measuring layers", unit="entry", disable=todo == 0) as bar:
-        table.build(progress=lambda done, total: bar.update(done - bar.n))
-    table.calibrate()
+    table, todo = _latency_table(PruningGraph(m.dense, m.size), m.dense, latency_backend, batch, settings.threads)
     info = table.summary()
     console.print(f"{arch}: {info['entries']} entries on {info['device']} ({todo} measured now); dense {info['dense_ms']:.2f} ms "
                   f"= {info['remainder_ms']:.2f} ms fixed + {info['scale']:.2f} x layer entries")
@@ -388,15 +451,18 @@ app.add_typer(keys_app, name="keys")
 
 
 @keys_app.command("create")
-def keys_create(name: Annotated[str, typer.Option(help="who or what the key is for")] = "local") -> None:
+def keys_create(name: Annotated[str, typer.Option(help="who or what the key is for")] = "local",
+                device: Annotated[str | None, typer.Option(help="a device key for this device (declared now if new): it can only "
+                                                           "register the device's agent and fetch and answer its measurement "
+                                                           "tasks")] = None) -> None:
     """Create an API key; it is shown once and stored only as a hash."""
     from .auth import create_key
     from .db.migrate import ensure_current
 
     url = get_settings().db_url
     ensure_current(url)
-    key_id, secret = create_key(url, name)
-    console.print(f"key {key_id} ({name}): {secret}")
+    key_id, secret = create_key(url, name, device=device)
+    console.print(f"key {key_id} ({name}{', device ' + device if device else ''}): {secret}", highlight=False)
 
 
 @keys_app.command("list")
@@ -406,7 +472,8 @@ def keys_list() -> None:
 
     with session_scope(get_settings().db_url) as s:
         for k in repo.list_api_keys(s):
-            console.print(f"{k.id}\t{k.name}\t{k.prefix}...\t{'revoked' if k.revoked_at else 'active'}")
+            scope = f"device {k.device}" if k.scope == "device" else "user"
+            console.print(f"{k.id}\t{k.name}\t{k.prefix}...\t{scope}\t{'revoked' if k.revoked_at else 'active'}", highlight=False)
 
 
 @keys_app.command("revoke")
@@ -418,6 +485,16 @@ def keys_revoke(key_id: int) -> None:
         if not repo.revoke_api_key(s, key_id=key_id):
             _fail(f"no active key {key_id}")
     console.print(f"key {key_id} revoked")
+
+
+@app.command("device-agent", add_help_option=False,
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def device_agent(ctx: typer.Context) -> None:
+    """Time measurement tasks for a device (run on the device): prunepilot device-agent --server URL --key KEY --name NAME
+    [--backend onnxruntime] [--threads N] (--help for all). Needs only httpx, numpy and onnxruntime."""
+    from .device_agent import main as agent_main
+
+    raise typer.Exit(agent_main(ctx.args))
 
 
 @app.command("gc")
@@ -495,10 +572,13 @@ def submit(
     weights: Annotated[Path | None, typer.Option(help="state dict or safetensors (not for an .onnx model)")] = None,
     agent: Annotated[str, typer.Option(help="search agent")] = "optuna-tpe",
     option: Annotated[list[str] | None, typer.Option(help="agent option KEY=VALUE, value as JSON or text (repeatable)")] = None,
-    data: Annotated[str, typer.Option(help="cifar10-jpeg or a path to an ImageFolder zip")] = "cifar10-jpeg",
+    data: Annotated[str, typer.Option(help="cifar10-jpeg, the name of a data set registered on the server, or a path to an "
+                                           "ImageFolder zip (uploaded)")] = "cifar10-jpeg",
     evaluations: Annotated[int, typer.Option(help="evaluation budget of the search")] = 60,
     finetune_epochs: Annotated[float, typer.Option(help="final fine-tune epochs")] = 1.0,
     exclude: Annotated[list[str] | None, typer.Option(help="a layer to leave whole (repeatable; names as `prunepilot profile` lists them)")] = None,
+    round_to: RoundToOpt = None,
+    latency_backend: LatencyBackendOpt = "torch",
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -515,14 +595,18 @@ def submit(
     onnx_file = Path(model) if model.lower().endswith(".onnx") else None
     if onnx_file is not None and not onnx_file.is_file():
         _fail(f"ONNX file not found: {model}")
+    upload = data != "cifar10-jpeg" and (Path(data).is_file() or data.lower().endswith(".zip"))  # else a name on the server
+    if upload and not Path(data).is_file():
+        _fail(f"data zip not found: {data}")
     spec: dict[str, Any] = {
         "arch": "onnx" if onnx_file else model, "agent": agent, "agent_options": options, "budget": {"constraints": constraints},
         "search": {"max_evaluations": evaluations}, "finetune": {"epochs": finetune_epochs},
-        "constraints": {"exclude": list(exclude or [])}, "image_size": input_size,
+        "constraints": {"exclude": list(exclude or []), "round_to": _round_to(round_to)}, "target": {"backend": latency_backend},
+        "image_size": input_size,
         "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
-        "dataset": "cifar10-jpeg" if data == "cifar10-jpeg" else "upload", "name": name}
+        "dataset": "upload" if upload else data, "name": name}
     with _client(url, key) as client:
-        job = client.submit(spec, weights, None if data == "cifar10-jpeg" else data, model=onnx_file)
+        job = client.submit(spec, weights, data if upload else None, model=onnx_file)
         console.print(f"job {job['id']} {job['status']}  (dashboard: {client.base_url}{job['links']['dashboard']})")
         if wait:
             job = _progress_wait(client, job["id"])
@@ -626,6 +710,13 @@ def main() -> None:
 
         if isinstance(exc, httpx.ConnectError):
             err.print(f"[bold red]error:[/] cannot reach the service ({exc}); is `prunepilot serve` running?", highlight=False)
+            sys.exit(2)
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError) and exc.title == "Settings":  # a PRUNEPILOT_* variable that does not parse
+            first = exc.errors()[0]
+            name = "PRUNEPILOT_" + "_".join(str(part) for part in first["loc"][:1]).upper()
+            err.print(f"[bold red]error:[/] setting {name}: {first['msg']}", highlight=False)
             sys.exit(2)
         raise
     except KeyboardInterrupt:

@@ -33,9 +33,12 @@ from prunepilot.compression import (
     load_splits,
     parse_constraint,
 )
+from prunepilot.compression.compute_device import resolve_device
 from prunepilot.compression.data import split_train_val
 from prunepilot.compression.latency import FileLatencyStore, LatencyStore
 from prunepilot.compression.sources import InputSpec
+
+from .settings import Settings, get_settings
 
 ImageData = str | Path | tuple[torch.Tensor, torch.Tensor]
 
@@ -70,6 +73,7 @@ def compress(
     agent_options: dict[str, Any] | None = None,
     seed: int = 0,
     name: str | None = None,
+    device: str | torch.device | None = None,
 ) -> Compressed:
     """Prune ``model`` to ``budget`` ("flops=0.5", ["flops=0.5", "size=1MB"] or a ``Budget``).
 
@@ -79,7 +83,10 @@ def compress(
     validation and test are carved from training where not given. ``mean`` / ``std`` normalize the
     images (0-1 scale; default ImageNet's). ``evaluate(model) -> float``: the caller's metric of a
     candidate (higher is better) instead of validation accuracy. ``finetune``: epochs for the chosen
-    network. ``storage``: a prunepilot database URL that keeps the run and its trials.
+    network. ``storage``: a prunepilot database URL that keeps the run and its trials. ``device``:
+    where models run (``auto``: CUDA when present, ``cpu``, ``cuda``, ``cuda:N``; default
+    ``PRUNEPILOT_DEVICE``, auto); ``evaluate`` gets each candidate there, and the returned model is on
+    the CPU.
     """
     if not isinstance(model, nn.Module):
         raise PrunePilotError(f"model must be a torch nn.Module, got {type(model).__name__}")
@@ -89,6 +96,8 @@ def compress(
         raise DataError(f"example_input must be an (N, 3, H, H) image batch, got {shape}")
     if agent == "netadapt" and evaluate is not None:
         raise PrunePilotError("netadapt scores its own fine-tuned proposals by accuracy: use another agent with evaluate=")
+    settings = get_settings()
+    compute = resolve_device(device if device is not None else settings.device)  # one clear error before any work
     size = int(example_input.shape[-1])
     inputs = InputSpec(size).with_overrides(mean=mean, std=std)
     dense = copy.deepcopy(model).eval()
@@ -96,7 +105,7 @@ def compress(
         out = dense(example_input[:1])
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise PrunePilotError("the model must output (batch, classes) logits")
-    splits = _splits(train_data, val_data, test_data, inputs)
+    splits = _splits(train_data, val_data, test_data, inputs, settings)
     if splits.num_classes != out.shape[1]:
         raise DataError(f"the data has {splits.num_classes} classes but the model outputs {out.shape[1]}")
     parsed = budget if isinstance(budget, Budget) else Budget(
@@ -109,7 +118,8 @@ def compress(
                             search=_limits(evaluations), seed=seed,
                             final=FinalConfig(finetune=FinetuneConfig(epochs=finetune, seed=seed)))
     recorder = MemoryRecorder()
-    hooks = PipelineHooks(recorder=recorder, latency_store=_latency_store(storage), score=evaluate)
+    hooks = PipelineHooks(recorder=recorder, latency_store=_latency_store(storage), score=evaluate, device=compute,
+                          gpu_eval_batch=settings.gpu_eval_batch)
     result = run_pipeline(pruner, splits, config, hooks, pruner.arch)
     assert result.search.best is not None  # run_pipeline raises when the search found nothing within the budget
     job_id = _store(storage, name, config, result.report, recorder, pruner.arch) if storage else None
@@ -126,9 +136,10 @@ def _limits(evaluations: int) -> SearchLimits:
 def _latency_store(storage: str | None) -> LatencyStore:
     """Latency tables (a latency budget) are kept and reused: in ``storage``, else in the data directory."""
     if storage:
+        from .db.store import JobStore
         from .latency_store import SqlLatencyStore
 
-        return SqlLatencyStore(storage)
+        return SqlLatencyStore(JobStore(storage))
     from .settings import get_settings
 
     return FileLatencyStore(get_settings().data_dir / "latency-tables.json")
@@ -148,13 +159,14 @@ def _image_set(data: tuple[torch.Tensor, torch.Tensor], what: str, size: int) ->
     return ImageSet(images, labels, classes)
 
 
-def _splits(train: ImageData, val: ImageData | None, test: ImageData | None, inputs: InputSpec) -> DataSplits:
+def _splits(train: ImageData, val: ImageData | None, test: ImageData | None, inputs: InputSpec, settings: Settings) -> DataSplits:
     size = inputs.size
     assert size is not None
     if isinstance(train, (str, Path)):
         if val is not None or test is not None:
             raise DataError("with train_data a path, give validation and test folders inside it (train/, val/, test/)")
-        return load_splits(train, image_size=size, mean=inputs.mean, std=inputs.std)
+        return load_splits(train, image_size=size, mean=inputs.mean, std=inputs.std, max_decoded_bytes=settings.max_decoded_bytes,
+                           loader_workers=settings.loader_workers)
     train_set = _image_set(train, "train_data", size)
     if isinstance(val, (str, Path)) or isinstance(test, (str, Path)):
         raise DataError("with train_data as tensors, give val_data and test_data as tensors too")

@@ -59,6 +59,18 @@ def _init_ray(settings: Settings) -> str:
     return "embedded"
 
 
+def job_gpus(settings: Settings, cluster_gpus: float) -> float:
+    """GPUs a job's Ray task reserves: PRUNEPILOT_GPUS_PER_JOB, or (auto) one GPU when the cluster has
+    any and jobs may use them (DEVICE is not cpu), else none. A job's task that holds no GPU sees none
+    (Ray hides them), so ``auto`` then runs it on the CPU: reservation and device agree."""
+    if settings.gpus_per_job is not None:
+        if settings.gpus_per_job > cluster_gpus:
+            log.warning("jobs reserve %g GPU(s) (PRUNEPILOT_GPUS_PER_JOB) but the Ray cluster has %g: they wait for a GPU node",
+                        settings.gpus_per_job, cluster_gpus)
+        return settings.gpus_per_job
+    return 1.0 if cluster_gpus > 0 and settings.device != "cpu" else 0.0
+
+
 class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -134,6 +146,7 @@ class Dispatcher:
                     except Exception as exc:  # noqa: BLE001 - worker process died or Ray failed the task
                         log.warning("job %s: worker lost (%s)", job_id, type(exc).__name__)
                         self._requeue_or_fail(job_id, f"worker died ({type(exc).__name__})")
+        gpus: float | None = None  # looked up once a tick, when a job is submitted (GPU nodes may join or leave)
         for job_id, status, heartbeat, cancel in self.store.active():
             if job_id in self.running:
                 continue
@@ -148,8 +161,10 @@ class Dispatcher:
             cap = self.settings.max_concurrent_jobs
             if cap is not None and len(self.running) >= cap:
                 break
-            cpus = self.settings.job_cpus
-            self.running[job_id] = self._remote.options(num_cpus=cpus).remote(job_id, self.settings.model_dump(mode="json"))
+            if gpus is None:
+                gpus = job_gpus(self.settings, float(ray.cluster_resources().get("GPU", 0.0)))
+            self.running[job_id] = self._remote.options(num_cpus=self.settings.job_cpus, num_gpus=gpus).remote(
+                job_id, self.settings.model_dump(mode="json"))
         self._first_tick = False
 
     def _requeue_or_fail(self, job_id: str, reason: str) -> None:

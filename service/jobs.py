@@ -18,7 +18,6 @@ from prunepilot.compression.budget import analytic_checker
 from prunepilot.compression.sources import ModelSource, SourceKind
 
 from .db import repo
-from .db.engine import read_scope, session_scope
 from .db.lifecycle import JobStatus
 from .db.models import Job, Trial
 from .db.store import JobStore
@@ -36,7 +35,7 @@ from .uploads import (
     validate_weights,
     validation_slot,
 )
-from .workspace import BUILTIN_DATASETS, classes_of, make_pruner, model_inputs
+from .workspace import BUILTIN_DATASETS, classes_of, make_pruner, model_inputs, registered_classes
 
 
 class NotFound(PrunePilotError):
@@ -61,8 +60,11 @@ class UploadedFile:
     filename: str
 
 
-def check_budget(spec: JobCreate, source: ModelSource, model: nn.Module, num_classes: int, input_size: int) -> dict[str, float]:
-    """Ratio limits for the analytic resources; rejects budgets the layer limits cannot reach."""
+def check_budget(spec: JobCreate, source: ModelSource, model: nn.Module, num_classes: int, input_size: int,
+                 settings: Settings | None = None) -> dict[str, float]:
+    """Ratio limits for the analytic resources; rejects budgets the layer limits cannot reach, and
+    (given ``settings``) a latency budget the target's stored latency table says pruning cannot
+    speed up at all (without a stored table the job's prepare phase refuses it, before any search)."""
     try:
         pruner = make_pruner(source, model, num_classes, input_size, spec.constraints.to_engine())
     except StrategyError as exc:
@@ -71,6 +73,12 @@ def check_budget(spec: JobCreate, source: ModelSource, model: nn.Module, num_cla
     if not graph.layers:
         raise InvalidJob(f"{source.ref} has no prunable layers" + (" left after the exclusions" if spec.constraints.exclude else "")
                          + ": POST /v1/inspect says why")
+    if settings is not None:
+        from .latency_outlook import submission_refusal
+
+        refusal = submission_refusal(pruner, spec.budget, spec.target.to_engine(), settings)
+        if refusal is not None:
+            raise InvalidJob(refusal)
     analytic = [c for c in spec.budget.constraints if c.resource != "latency"]  # latency: converted on the worker, once measured
     if not analytic:
         return {}
@@ -116,7 +124,7 @@ def to_public(job: Job) -> JobPublic:
         f"{c['resource']} <= " + (f"{c['ratio']:.0%}" if c.get("ratio") is not None else f"{c['value']:g}")
         for c in job.problem["spec"]["budget"]["constraints"])
     return JobPublic(
-        id=job.id, name=job.name, status=JobStatus(job.status), agent=job.agent, arch=job.arch, dataset=job.dataset, budget=budget,
+        id=job.id, name=job.name, status=JobStatus(job.status), phase=job.phase, agent=job.agent, arch=job.arch, dataset=job.dataset, budget=budget,
         problem_key=job.problem_key, progress=job.progress, finetune_progress=job.finetune_progress, evaluations=job.evaluations,
         best_accuracy=job.best_accuracy, best_step=job.best_step, best_metrics=job.best_metrics, result=job.result, error=job.error,
         attempts=job.attempts, created_at=job.created_at, started_at=job.started_at, finetune_started_at=job.finetune_started_at,
@@ -133,7 +141,6 @@ def trial_public(t: Trial) -> TrialPublic:
 class JobService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.url = settings.db_url
         self.store = JobStore(settings.db_url)
 
     # ------------------------------------------------------------------ create
@@ -148,7 +155,7 @@ class JobService:
         limit = self.settings.max_active_jobs_per_key
         if limit is None:
             return
-        with read_scope(self.url) as s:
+        with self.store.read() as s:
             active = repo.count_active_jobs(s, owner_id=owner_id)
         if active >= limit:
             raise QuotaExceeded(f"this API key already has {active} active jobs (queued, running or fine-tuning); the limit is "
@@ -165,9 +172,12 @@ class JobService:
             create_agent(spec.agent, **spec.agent_options)
         except PrunePilotError as exc:
             raise InvalidJob(str(exc)) from None
+        self._check_device(spec)
         source = self._source(spec, weights, model)
-        if spec.dataset not in BUILTIN_DATASETS and spec.dataset != "upload":
-            raise InvalidJob(f"unknown dataset {spec.dataset!r}; use {', '.join(BUILTIN_DATASETS)} or 'upload' with a dataset zip")
+        registered = self.settings.datasets  # names only: a job never names a path on the server
+        if spec.dataset not in BUILTIN_DATASETS and spec.dataset not in registered and spec.dataset != "upload":
+            raise InvalidJob(f"dataset: unknown dataset {spec.dataset!r}; use {', '.join([*BUILTIN_DATASETS, *registered])} "
+                             "or 'upload' with a dataset zip")
         if spec.dataset == "upload" and dataset is None:
             raise InvalidJob("dataset 'upload' needs a dataset zip in the request (form field 'dataset')")
         if spec.dataset != "upload" and dataset is not None:
@@ -185,6 +195,12 @@ class JobService:
             dataset_key = "cifar10-jpeg"
             if spec.dataset == "cifar10-jpeg" and num_classes != 10:
                 raise InvalidJob(f"cifar10-jpeg has 10 classes but the {_classifies(stored[0][1], w.filename)} {num_classes}")
+            if spec.dataset in registered:  # the worker resolves the name through its own registry
+                dataset_path, dataset_key = spec.dataset, f"registered:{spec.dataset}"
+                classes = registered_classes(spec.dataset, self.settings)
+                if classes is not None and len(classes) != num_classes:
+                    raise InvalidJob(f"dataset {spec.dataset} has {len(classes)} classes but the "
+                                     f"{_classifies(stored[0][1], w.filename)} {num_classes}")
             if dataset is not None:
                 d = store_stream(dataset.stream, dataset.filename, "dataset", self.settings)
                 stored.append((d, "dataset"))
@@ -197,7 +213,7 @@ class JobService:
                 dataset_path, dataset_key = str(d.final), d.sha256
             # the size jobs decode at: the model's or the user's, else CIFAR-10's native 32 (uploads: checked on the worker)
             with validation_slot(self.settings):  # traces (and for a model we did not write, verifies) the model
-                check_budget(spec, source, dense, num_classes, inputs.size or 32)
+                check_budget(spec, source, dense, num_classes, inputs.size or 32, self.settings)
         except BaseException as exc:  # staged files are this request's own: drop them whatever went wrong
             for up, _ in stored:
                 discard(up)
@@ -211,7 +227,7 @@ class JobService:
         # weights_path: the file that carries the weights (the ONNX file itself for an ONNX source)
         problem: dict[str, Any] = {"spec": spec.model_dump(mode="json"), "weights_path": str(w.final), "weights_sha256": w.sha256,
                                    "dataset_path": dataset_path, "num_classes": num_classes}
-        with session_scope(self.url) as s:
+        with self.store.write() as s:
             for up, kind in stored:
                 repo.add_upload(s, sha256=up.sha256, kind=kind, path=str(up.final), size_bytes=up.size, filename=up.filename)
             job = repo.create_job(s, job_id=job_id, agent=spec.agent, arch=spec.arch,
@@ -253,13 +269,36 @@ class JobService:
                 except StrategyError as exc:
                     raise InvalidJob(str(exc)) from None
                 report = timed_report(pruner, spec.evaluations, threads=1)
+                latency: dict[str, Any] | None = None
+                latency_note: str | None = None
+                latency_problems: list[str] = []
+                if spec.target is not None:
+                    from .latency_outlook import outlook
+
+                    latency, latency_note, latency_problems = outlook(pruner, spec.target.to_engine(), spec.budget, self.settings)
             problems = report.below_floor(spec.budget) if spec.budget is not None else []
+            problems = [*latency_problems, *problems]
         except PrunePilotError as exc:
             raise exc if isinstance(exc, (InvalidJob, NotFound)) else InvalidJob(str(exc)) from None
         finally:
             for up, _ in stored:
                 discard(up)
-        return {**report.to_dict(), "budget_problems": problems}
+        return {**report.to_dict(), "budget_problems": problems, "latency": latency, "latency_note": latency_note}
+
+    def _check_device(self, spec: JobCreate) -> None:
+        """A target device must be declared (its agent may connect later: the job then waits for it), and
+        an explicit backend must be the one its agent measures with."""
+        name = spec.target.device
+        if name is None:
+            return
+        with self.store.read() as s:
+            device = repo.get_device(s, name=name)
+            known = [d.name for d in repo.list_devices(s)]
+        if device is None:
+            raise InvalidJob(f"target.device: no device named {name!r} (known: {', '.join(known[:20]) or 'none'}); the operator "
+                             f"declares one with `prunepilot keys create --device {name}`")
+        if "backend" in spec.target.model_fields_set and device.backend is not None and spec.target.backend != device.backend:
+            raise InvalidJob(f"target.backend: device {name!r} measures with {device.backend}, not {spec.target.backend}")
 
     @staticmethod
     def _source(spec: ModelSpec, weights: UploadedFile | None, model: UploadedFile | None, need_weights: bool = True) -> ModelSource:
@@ -289,32 +328,32 @@ class JobService:
         return job
 
     def get(self, owner_id: int | None, job_id: str) -> JobPublic:
-        with read_scope(self.url) as s:
+        with self.store.read() as s:
             return to_public(self._job(s, owner_id, job_id))
 
     def list_jobs(self, owner_id: int | None, status: str | None = None, agent: str | None = None, problem_key: str | None = None,
              limit: int = 50, offset: int = 0) -> tuple[list[JobPublic], int]:
-        with read_scope(self.url) as s:
+        with self.store.read() as s:
             rows, total = repo.list_jobs(s, owner_id=owner_id, status=status, agent=agent, problem_key=problem_key,
                                          limit=limit, offset=offset)
             return [to_public(j) for j in rows], total
 
     def trials(self, owner_id: int | None, job_id: str, limit: int | None = 100, offset: int = 0, kind: str | None = None
                ) -> tuple[list[TrialPublic], int]:
-        with read_scope(self.url) as s:
+        with self.store.read() as s:
             self._job(s, owner_id, job_id)
             rows, total = repo.list_trials(s, job_id=job_id, kind=kind, limit=limit, offset=offset)
             return [trial_public(t) for t in rows], total
 
     def report(self, owner_id: int | None, job_id: str) -> dict[str, Any]:
-        with read_scope(self.url) as s:
+        with self.store.read() as s:
             job = self._job(s, owner_id, job_id)
             if job.status != "succeeded" or job.result is None:
                 raise NotReady(f"job {job_id} is {job.status}; the report exists once it has succeeded")
             return dict(job.result)
 
     def model_dir(self, owner_id: int | None, job_id: str) -> Path:
-        with read_scope(self.url) as s:
+        with self.store.read() as s:
             job = self._job(s, owner_id, job_id)
             art = repo.latest_artifact(s, job_id=job_id, kind="model")
             if job.status != "succeeded" or art is None:
@@ -324,9 +363,9 @@ class JobService:
     # ------------------------------------------------------------------ cancel
 
     def cancel(self, owner_id: int | None, job_id: str) -> JobPublic:
-        with read_scope(self.url) as s:
+        with self.store.read() as s:
             self._job(s, owner_id, job_id)  # 404 for a missing job or another user's
         if self.store.request_cancel(job_id) is None:
             raise NotReady(f"job {job_id} already {self.store.status(job_id)}")
-        with read_scope(self.url) as s:
+        with self.store.read() as s:
             return to_public(self._job(s, owner_id, job_id))

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .db import repo
-from .db.engine import session_scope
+from .db.store import JobStore
 
 
 class SqlLatencyStore:
-    def __init__(self, url: str) -> None:
-        self.url = url
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
 
     def get(self, device: str) -> dict[str, float]:
-        with session_scope(self.url) as s:
-            return repo.latency_entries(s, device=device)
+        return self.store.latency_entries(device)
 
     def put(self, device: str, entries: Mapping[str, tuple[float, int]]) -> None:
-        with session_scope(self.url) as s:
-            repo.put_latency_entries(s, device=device, entries=dict(entries))
+        self.store.put_latency_entries(device, dict(entries))

@@ -1,4 +1,4 @@
-"""Authentication before the body, a request size limit enforced while streaming, and one
+"""Authentication (and the key's scope) before the body, a request size limit enforced while streaming, and one
 structured log line per request, as plain ASGI middleware.
 
 Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware runs every
@@ -38,15 +38,18 @@ class BodyTooLarge(HTTPException):
 
 
 class LimitsAndLogs:
-    def __init__(self, app: ASGIApp, max_body: int, authenticate: Callable[[str | None], object] | None = None,
-                 unauthorized: type[Exception] = PermissionError, unavailable: type[Exception] = ConnectionError) -> None:
-        """``authenticate(authorization_header)`` raises ``unauthorized`` for a missing or bad key and
-        ``unavailable`` when it cannot tell (the database is down: 503, as the routes answer it)."""
+    def __init__(self, app: ASGIApp, max_body: int, authenticate: Callable[[str | None, str], object] | None = None,
+                 unauthorized: type[Exception] = PermissionError, unavailable: type[Exception] = ConnectionError,
+                 forbidden: type[Exception] = PermissionError) -> None:
+        """``authenticate(authorization_header, path)`` raises ``unauthorized`` for a missing or bad key,
+        ``forbidden`` for a key whose scope does not cover the path (403), and ``unavailable`` when it
+        cannot tell (the database is down: 503, as the routes answer it)."""
         self.app = app
         self.max_body = max_body
         self.authenticate = authenticate
         self.unauthorized = unauthorized
         self.unavailable = unavailable
+        self.forbidden = forbidden
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -88,11 +91,14 @@ class LimitsAndLogs:
         if self.authenticate is not None and scope["method"] in BODY_METHODS:
             raw = headers.get(b"authorization")
             try:
-                principal = await anyio.to_thread.run_sync(self.authenticate, raw.decode("latin-1") if raw is not None else None)
+                principal = await anyio.to_thread.run_sync(self.authenticate, raw.decode("latin-1") if raw is not None else None,
+                                                           scope["path"])
                 # the route reads it from here instead of looking the key up a second time
                 scope.setdefault("state", {})[PRINCIPAL_STATE] = principal
             except self.unauthorized as exc:
                 return 401, str(exc), [(b"www-authenticate", b"Bearer")]
+            except self.forbidden as exc:
+                return 403, str(exc), []
             except self.unavailable as exc:  # the detail may quote SQL: logged, never sent
                 log.error("key check failed on %s %s: %s", scope["method"], scope["path"], exc)
                 return 503, "the database is unavailable or failed; try again later", []

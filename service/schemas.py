@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from prunepilot.agents import SearchLimits
 from prunepilot.agents.pipeline import FinalConfig, PipelineConfig
 from prunepilot.compression import Budget, Fidelity, FinetuneConfig, PruningConstraints
+from prunepilot.compression.backends import LatencyTarget
 from prunepilot.compression.evaluate import FIDELITY_METHODS
 from prunepilot.compression.importance import CRITERIA
 
@@ -67,7 +68,9 @@ class ConstraintsSpec(BaseModel):
     model_config = SPEC_CONFIG
     max_ratio: float = Field(default=_CONSTRAINTS.max_ratio, ge=0, lt=1)
     first_layer_max_ratio: float = Field(default=_CONSTRAINTS.first_layer_max_ratio, ge=0, lt=1)
-    round_to: int | None = Field(default=_CONSTRAINTS.round_to, ge=1)
+    round_to: Annotated[int, Field(ge=1)] | Literal["measured"] | None = Field(
+        default=_CONSTRAINTS.round_to, description="round kept channel counts: to a multiple of this integer, or 'measured': down to the latency "
+                                  "table's efficient counts on the job's target (builds that table even for a flops budget)")
     exclude: list[str] = Field(
         default_factory=list, max_length=1000,
         description="layers to leave whole, named by any conv/linear of their channel group (as `prunepilot profile` lists them)",
@@ -76,6 +79,20 @@ class ConstraintsSpec(BaseModel):
     def to_engine(self) -> PruningConstraints:
         return PruningConstraints(max_ratio=self.max_ratio, first_layer_max_ratio=self.first_layer_max_ratio,
                                   round_to=self.round_to, exclude=tuple(self.exclude))
+
+
+class TargetSpec(BaseModel):
+    """Where the job's latency is measured: its latency table, measured check and measured channel steps."""
+
+    model_config = SPEC_CONFIG
+    backend: Literal["torch", "onnxruntime", "cuda"] = Field(
+        default="torch", description="torch: PyTorch eager on the worker's CPU; onnxruntime: ONNX Runtime (CPU execution "
+                                     "provider); cuda: PyTorch on the worker's GPU")
+    device: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                               description="a registered remote device (by name) that measures instead of the worker")
+
+    def to_engine(self) -> LatencyTarget:
+        return LatencyTarget(backend=self.backend, device=self.device)
 
 
 class MeasureSpec(BaseModel):
@@ -107,6 +124,8 @@ class InspectCreate(ModelSpec):
 
     budget: Budget | None = Field(default=None, description="say whether this budget is reachable")
     evaluations: int = Field(default=60, ge=1, le=100_000, description="evaluations of the search to estimate the time of")
+    target: TargetSpec | None = Field(default=None, description="add the latency outlook on this target (layer latency curves, "
+                                      "predicted speedups, whether pruning makes it faster there) from its stored latency table")
 
 
 class JobCreate(ModelSpec):
@@ -118,7 +137,10 @@ class JobCreate(ModelSpec):
         "search": {"max_evaluations": 60}, "finetune": {"epochs": 1},
     }]})
 
-    dataset: str = Field(default="cifar10-jpeg", description="cifar10-jpeg, or 'upload' with a dataset zip in the request")
+    dataset: str = Field(default="cifar10-jpeg", max_length=64,
+                         description="cifar10-jpeg, the name of a data set registered on the server (PRUNEPILOT_DATASETS: "
+                                     "ImageFolder trees on the workers' disks, streamed when large), or 'upload' with a "
+                                     "dataset zip in the request; never a path")
     budget: Budget
     agent: str = Field(default="optuna-tpe", description="agent name from GET /v1/agents")
     agent_options: dict[str, Any] = Field(default_factory=dict, description="agent settings; names per agent from GET /v1/agents")
@@ -126,6 +148,7 @@ class JobCreate(ModelSpec):
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
+    target: TargetSpec = Field(default_factory=TargetSpec, description="where latency is measured (latency budgets, round_to='measured')")
     criterion: str = Field(default="l2", description=f"channel importance: {', '.join(CRITERIA)}")
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="32 bits: Optuna's samplers seed a NumPy RandomState")
     name: str | None = Field(default=None, max_length=200)
@@ -151,7 +174,7 @@ class JobCreate(ModelSpec):
                               final=FinalConfig(finetune=self.finetune.to_engine(self.seed), finetune_dense=self.finetune.finetune_dense,
                                                 test_images=self.measure.test_images,
                                                 latency_batches=tuple(self.measure.latency_batches)),
-                              seed=self.seed)
+                              seed=self.seed, target=self.target.to_engine())
 
 
 class Links(BaseModel):
@@ -167,6 +190,8 @@ class JobPublic(BaseModel):
     id: str
     name: str | None
     status: JobStatus
+    phase: str | None = Field(default=None, description="what a running job is waiting on or doing, where it says "
+                              "(e.g. 'waiting for device NAME': no agent of its latency target's device is connected)")
     agent: str
     arch: str
     dataset: str
@@ -276,3 +301,98 @@ class InspectPublic(BaseModel):
     verify_seconds: float | None
     time: dict[str, float | None] = Field(description="seconds_per_evaluation and search_seconds, estimated on the API server")
     budget_problems: list[str] = Field(description="why the given budget cannot be met (empty: it can, or none was given)")
+    latency: dict[str, Any] | None = Field(
+        default=None, description="with a `target`: backend, device fingerprint, dense_ms, floor_speedup, will_speed_up, verdict "
+                                  "('pruning will not make this faster on this target' under 1.05x), uniform_speedup and "
+                                  "stepped_speedup at the budget, and each layer's latency curve (counts, ms); null without a target")
+    latency_note: str | None = Field(default=None, description="why `latency` is missing although a target was given")
+
+
+# ------------------------------------------------------------------ devices (remote latency targets) and their agents
+
+AGENT_ID = r"^[\w.:-]{1,128}$"
+_MS = Annotated[float, Field(gt=0, lt=1e7)]  # one timing in milliseconds: positive and finite
+
+
+class DeviceRegister(BaseModel):
+    """What a device agent says about itself when it connects (``POST /v1/devices/{name}/register``)."""
+
+    model_config = SPEC_CONFIG
+    backend: Literal["onnxruntime"] = Field(description="the runtime the agent times with")
+    fingerprint: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$",
+                             description="runtime, execution providers, CPU and threads: with the device's name, the key "
+                                         "its latency-table entries are stored under")
+    info: dict[str, str | int | float | bool | None] = Field(default_factory=dict, max_length=32,
+                                                              description="anything else worth showing (host, versions)")
+
+
+class LeaseRequest(BaseModel):
+    model_config = SPEC_CONFIG
+    agent_id: str = Field(pattern=AGENT_ID, description="this agent process (a new one per start): the lease's owner")
+    max_tasks: int = Field(default=16, ge=1, le=64, description="tasks to take at once (entries are timed interleaved)")
+    wait_s: float = Field(default=10.0, ge=0, le=30,
+                          description="seconds to wait for a task when none is open (bounded by half the lease time)")
+
+
+class AgentPing(BaseModel):
+    model_config = SPEC_CONFIG
+    agent_id: str = Field(pattern=AGENT_ID)
+    release: bool = Field(default=False, description="hand back this agent's unfinished tasks (it is stopping)")
+
+
+class TaskSpec(BaseModel):
+    inputs: list[list[int]] = Field(description="the input shape of each model in the payload, in order")
+    warmup: int
+    repeats: int
+    rounds: int = Field(description="entries: rounds over all entries, the fastest round's median kept; networks: 1")
+
+
+class TaskPublic(BaseModel):
+    id: int
+    kind: Literal["entry", "network"] = Field(description="entry: one latency-table entry (a median, ms); network: whole "
+                                              "networks timed interleaved (every run, ms)")
+    spec: TaskSpec
+    payload: str = Field(description="where to GET the ONNX models: a zip of model-0.onnx, model-1.onnx, ...")
+    payload_bytes: int
+    lease_expires_at: datetime | None
+
+
+class Lease(BaseModel):
+    tasks: list[TaskPublic]
+    lease_s: float = Field(description="how long a task stays this agent's without a heartbeat")
+
+
+class TaskResult(BaseModel):
+    """A task's measurement: ``ms`` for an entry task (its median, one number per model), ``runs_ms`` for
+    a network task (every timed run of each model, ``repeats`` per model), or ``error``."""
+
+    model_config = SPEC_CONFIG
+    agent_id: str = Field(pattern=AGENT_ID)
+    ms: list[_MS] | None = Field(default=None, max_length=64)
+    runs_ms: list[Annotated[list[_MS], Field(min_length=1, max_length=100_000)]] | None = Field(default=None, max_length=64)
+    error: str | None = Field(default=None, max_length=500, pattern=r"^[^\x00]*$",
+                              description="the task could not be timed here (the job that asked for it fails, saying why)")
+
+
+class Recorded(BaseModel):
+    recorded: bool
+    extended: int = Field(default=0, description="leases extended (heartbeat)")
+
+
+class DeviceJob(BaseModel):
+    id: str
+    name: str | None
+    status: JobStatus
+
+
+class DevicePublic(BaseModel):
+    name: str
+    backend: str | None
+    fingerprint: str | None = Field(description="None until an agent registered")
+    info: dict[str, Any]
+    registered_at: datetime | None
+    last_seen: datetime | None
+    connected: bool = Field(description="an agent was seen within the lease time (PRUNEPILOT_DEVICE_LEASE_S)")
+    entries: int = Field(description="latency-table entries measured on this device (its current fingerprint)")
+    tasks: dict[str, int] = Field(description="measurement tasks: open (waiting or leased) and done")
+    jobs: list[DeviceJob] = Field(description="your jobs whose latency target is this device, newest first (at most 20)")

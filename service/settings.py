@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 _REPO = Path(__file__).resolve().parents[1]
+DATASET_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+RESERVED_DATASETS = ("upload", "cifar10-jpeg")  # the spec's other meanings of `dataset`
 
 
 def _default_data_dir() -> Path:
@@ -45,7 +49,9 @@ class Settings(BaseSettings):
         description="cap on an uploaded data set's decoded size, checked at submission (422 naming it and the estimate): "
                     "images x 3 x image_size^2 bytes (the worker's uint8 cache), or at native size (no image_size) 3 x width "
                     "x height of each image, read from its header. A worker's memory grows by about three times this while "
-                    "it decodes")
+                    "it decodes. A data set on disk (a registered one, a CLI directory) that decodes to more is streamed "
+                    "from its files instead of cached, and its subsets up to this size (the evaluator's validation images) "
+                    "are held in memory")
     # (defaults as prunepilot.compression.data.MAX_IMAGE_BYTES / MAX_IMAGE_PIXELS, the engine's own)
     max_image_bytes: int = Field(default=128 * 1024**2, ge=1,
                                  description="largest image file (uncompressed) in a data set: a bigger zip entry is refused "
@@ -73,8 +79,55 @@ class Settings(BaseSettings):
     auth_cache_s: float = Field(default=10.0, ge=0,
                                 description="seconds a verified API key is trusted without a database lookup; "
                                             "a revoked key stops working within this time (0: look up every request)")
+    device_lease_s: float = Field(
+        default=60.0, ge=1, le=3600,
+        description="seconds a device agent holds a measurement task without a sign of life (a poll, a heartbeat, a result); "
+                    "then the task is leased again, and a device not seen for this long counts as disconnected")
+    # the names compression.compute_device.resolve_device takes (checked here too, without importing the engine)
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="compute device of every job's forward and backward passes: auto (CUDA when the worker "
+                                    "process sees a GPU, else cpu), cpu, cuda or cuda:N. Not the latency target")
+    gpus_per_job: float | None = Field(
+        default=None, ge=0,
+        description="GPUs Ray reserves for a job's task, and for each NetAdapt proposal task it fans out ('auto': 1 when "
+                    "the Ray cluster has GPUs and DEVICE is not cpu, else 0); 1 runs one job per GPU, 0.5 two")
+    gpu_eval_batch: int = Field(default=1024, ge=1,
+                                description="batch size of inference passes (validation, test) on a GPU; the CPU keeps 128")
+    loader_workers: int = Field(default=4, ge=0,
+                                description="DataLoader processes that decode a streamed data set, per job (0: in the job's process)")
+    datasets: Annotated[dict[str, Path], NoDecode] = Field(
+        default_factory=dict,
+        description="data sets on the workers' disks, by name: 'imagenet=/data/imagenet,pets=/data/pets' (ImageFolder "
+                    "trees with train/ and optionally val/, test/). A job names one as its dataset; never a path")
     host: str = "127.0.0.1"
     port: int = 8000
+
+    @field_validator("datasets", mode="before")
+    @classmethod
+    def _datasets(cls, value: object) -> object:
+        """'name=path,name=path' (an environment variable) or a mapping: names a job may use, absolute paths."""
+        if isinstance(value, str):
+            pairs = [p.strip() for p in value.split(",") if p.strip()]
+            if not all("=" in p for p in pairs):
+                raise ValueError("expected name=/absolute/path pairs separated by commas")
+            value = dict(p.split("=", 1) for p in pairs)
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for name, path in value.items():
+            name = str(name).strip()
+            if not DATASET_NAME.match(name) or name in RESERVED_DATASETS:
+                raise ValueError(f"data set name {name!r}: use lower-case letters, digits, '.', '_' or '-' (not "
+                                 f"{' or '.join(RESERVED_DATASETS)})")
+            if not Path(str(path).strip()).is_absolute():
+                raise ValueError(f"data set {name}: {path!r} is not an absolute path")
+            out[name] = Path(str(path).strip())
+        return out
+
+    @field_validator("gpus_per_job", mode="before")
+    @classmethod
+    def _auto(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "auto") else value
 
     @field_validator("max_active_jobs_per_key", "failed_job_retention_days", mode="before")
     @classmethod

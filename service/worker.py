@@ -14,14 +14,15 @@ import os
 import socket
 import threading
 import traceback
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from prunepilot.agents import Mapper, SearchCancelled, SearchEnv, SearchResult
+from prunepilot.agents import SearchCancelled, SearchEnv, SearchResult
 from prunepilot.agents.pipeline import PipelineHooks, run_pipeline
 from prunepilot.compression import PrunePilotError, save_artifact
+from prunepilot.compression.backends import LatencyBackend
+from prunepilot.compression.compute_device import resolve_device
 
 from .db import repo
 from .db.engine import as_utc
@@ -29,6 +30,7 @@ from .db.lifecycle import JobStatus
 from .db.models import utcnow
 from .db.store import JobStore
 from .latency_store import SqlLatencyStore
+from .raymap import ray_map
 from .recorder import SqlTrialRecorder
 from .schemas import JobCreate
 from .settings import Settings
@@ -101,6 +103,7 @@ def _execute(job_id: str, me: str, problem: dict[str, Any], settings: Settings, 
     spec = JobCreate.model_validate(problem["spec"])
     config = spec.pipeline_config()
     torch.set_num_threads(max(1, int(settings.job_cpus)) if settings.job_cpus >= 1 else 1)
+    device = resolve_device(settings.device)  # auto: CUDA when this task holds a GPU (Ray hides the others)
     source = job_source(spec, problem)
     session = open_session(source, None if source.carries_weights else problem["weights_path"], problem["dataset_path"], settings,
                            spec.constraints.to_engine(), spec.criterion, inputs=model_inputs(source, spec.image_size, spec.mean, spec.std))
@@ -110,13 +113,16 @@ def _execute(job_id: str, me: str, problem: dict[str, Any], settings: Settings, 
             raise SearchCancelled("the job is no longer this worker's")
 
     hooks = PipelineHooks(
-        recorder=SqlTrialRecorder(url, job_id, config.search.max_evaluations),
-        env=SearchEnv(map=_ray_map(), optuna_storage=url, study_name=f"job-{job_id}"),
+        latency_backend=_device_backend(spec, settings, store, job_id),
+        recorder=SqlTrialRecorder(store, job_id, config.search.max_evaluations),
+        env=SearchEnv(map=ray_map(), optuna_storage=url, study_name=f"job-{job_id}"),
         state_dir=settings.data_dir / "jobs" / job_id / "state",
-        latency_store=SqlLatencyStore(url),
+        latency_store=SqlLatencyStore(store),
         should_stop=lambda: store.cancel_requested(job_id),
         on_search_done=search_done,
         on_finetune_step=_FinetuneProgress(store, job_id),
+        device=device,
+        gpu_eval_batch=settings.gpu_eval_batch,
     )
     result = run_pipeline(session.pruner, session.splits, config, hooks, spec.arch)
     final, report = result.final, result.report
@@ -131,6 +137,17 @@ def _execute(job_id: str, me: str, problem: dict[str, Any], settings: Settings, 
         if not repo.finish_job(s, job_id=job_id, status=JobStatus.SUCCEEDED, worker_id=me, result=report, finetune_progress=1.0):
             raise SearchCancelled("the job is no longer this worker's")  # rolls the artifact row back
     return "succeeded"
+
+
+def _device_backend(spec: JobCreate, settings: Settings, store: JobStore, job_id: str) -> LatencyBackend | None:
+    """A job whose latency target names a device measures through the device's agent (its table,
+    its measured check); the job's phase says when it waits for one. None: the target's local backend."""
+    if spec.target.device is None:
+        return None
+    from .remote_backend import RemoteBackend
+
+    return RemoteBackend(store, spec.target.device, settings.device_lease_s, job_id,
+                         should_stop=lambda: store.cancel_requested(job_id), on_phase=lambda phase: store.progress(job_id, phase=phase))
 
 
 class _FinetuneProgress:
@@ -152,24 +169,6 @@ class _FinetuneProgress:
         if self.store.cancel_requested(self.job_id):
             raise SearchCancelled("cancelled during fine-tuning")
         return False
-
-
-def _ray_map() -> Mapper | None:
-    """Fan independent evaluations (NetAdapt proposals) out as Ray tasks when running inside Ray."""
-    try:
-        import ray
-
-        if not ray.is_initialized():
-            return None
-    except ImportError:  # pragma: no cover
-        return None
-
-    def mapper(fn: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any]) -> list[Any]:
-        remote = ray.remote(num_cpus=1, max_retries=1)(fn)
-        ref = ray.put(shared)
-        return ray.get([remote.remote(ref, item) for item in items])
-
-    return mapper
 
 
 def stale(heartbeat: Any, seconds: float) -> bool:

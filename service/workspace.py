@@ -90,15 +90,33 @@ def classes_of(model: nn.Module, size: int) -> int:
 
 
 def dataset_path(ref: str, settings: Settings) -> Path:
+    """Where a data set reference points: the built-in name, a name registered on this machine
+    (``PRUNEPILOT_DATASETS``), or (the CLI's, an accepted upload's) a path."""
     if ref == "cifar10-jpeg":
         path = settings.cifar10_zip
         if not path.is_file():
             raise DataError(f"built-in data set cifar10-jpeg not found at {path}; set PRUNEPILOT_CIFAR10_ZIP")
         return path
+    if ref in settings.datasets:
+        path = settings.datasets[ref]
+        if not path.is_dir():
+            raise DataError(f"registered data set {ref} is not on this machine ({path} is not a directory); register it with "
+                            "the same path on every worker (PRUNEPILOT_DATASETS)")
+        return path
     path = Path(ref)
     if not path.exists():
-        raise DataError(f"data not found: {ref} (use cifar10-jpeg or a path to an ImageFolder directory or zip)")
+        raise DataError(f"data not found: {ref} (use cifar10-jpeg, a registered data set name or a path to an ImageFolder "
+                        "directory or zip)")
     return path
+
+
+def registered_classes(name: str, settings: Settings) -> list[str] | None:
+    """The classes of a registered data set's training images, or None where this machine does not
+    see its folder (it is registered for the workers; they check it when the job starts)."""
+    from prunepilot.compression.data import tree_classes
+
+    path = settings.datasets[name]
+    return tree_classes(path) if path.is_dir() else None
 
 
 def open_data(ref: str, settings: Settings, inputs: InputSpec | None = None, val_size: int | None = None,
@@ -107,7 +125,8 @@ def open_data(ref: str, settings: Settings, inputs: InputSpec | None = None, val
     inputs = inputs or InputSpec()
     return load_splits(dataset_path(ref, settings), cache_dir=settings.cache_dir, val_size=val_size,
                        image_size=inputs.size, progress=progress, mean=inputs.mean, std=inputs.std,
-                       max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels)
+                       max_image_bytes=settings.max_image_bytes, max_image_pixels=settings.max_image_pixels,
+                       max_decoded_bytes=settings.max_decoded_bytes, loader_workers=settings.loader_workers)
 
 
 def model_inputs(source: ModelSource, image_size: int | None = None, mean: Sequence[float] | None = None,
@@ -158,7 +177,7 @@ def open_session(
     if criterion == "taylor":
         from prunepilot.compression import Normalizer
 
-        sub = splits.train.subset(256, seed=2)
+        sub = splits.train.subset(256, seed=2).load()
         taylor = (Normalizer(splits.mean, splits.std)(sub.images), sub.labels)
     pruner = make_pruner(source, dense, num_classes, splits.image_size, constraints, criterion, taylor)
     return Session(source, inputs, dense, num_classes, splits, pruner)

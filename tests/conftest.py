@@ -11,7 +11,10 @@ import torch
 
 from prunepilot.service.settings import Settings
 
-torch.set_num_threads(2)
+# The suite runs in two pytest-xdist workers on two cores ([tool.pytest.ini_options] addopts): one
+# intra-op thread each, or the workers' thread pools oversubscribe the cores and spin against each
+# other (a NetAdapt test went from 9 s alone to 66 s beside another worker). Run alone, two threads.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def _shared_dir() -> Path:

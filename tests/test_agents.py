@@ -229,6 +229,7 @@ def test_a_trial_recorded_but_never_told_is_settled_with_its_attributes(tmp_path
     from prunepilot.service.db import repo
     from prunepilot.service.db.engine import session_scope
     from prunepilot.service.db.migrate import upgrade
+    from prunepilot.service.db.store import JobStore
     from prunepilot.service.recorder import SqlTrialRecorder
 
     url = f"sqlite:///{tmp_path / 'told.db'}"
@@ -237,7 +238,7 @@ def test_a_trial_recorded_but_never_told_is_settled_with_its_attributes(tmp_path
         repo.create_job(s, job_id="job1", agent="optuna-tpe", arch="resnet20", dataset="mini", problem={}, problem_key="k")
 
     def context(evals: int) -> SearchContext:
-        return SearchContext(evaluator, {"flops": 0.5}, SearchLimits(max_evaluations=evals), SqlTrialRecorder(url, "job1"),
+        return SearchContext(evaluator, {"flops": 0.5}, SearchLimits(max_evaluations=evals), SqlTrialRecorder(JobStore(url), "job1"),
                              seed=3, agent="optuna-tpe", env=SearchEnv(optuna_storage=url, study_name="job-job1"))
 
     agent = create_agent("optuna-tpe")

@@ -124,6 +124,9 @@ def test_prune_end_to_end(mini_zip: Path, resnet20_weights: Path, tmp_path: Path
         (["--arch", "resnet20", "--budget", "latency=2ms"], "a latency budget needs a latency table"),
         (["--arch", "resnet20", "--uniform", "0.5", "--mean", "0.5,0.5"], "mean needs 3 values (R, G, B), got 2"),
         (["--arch", "mynet.onnx", "--uniform", "0.5"], "ONNX file not found: mynet.onnx"),
+        (["--arch", "resnet20", "--uniform", "0.5", "--round-to", "fastest"], "--round-to must be a positive integer or 'measured'"),
+        (["--arch", "resnet20", "--uniform", "0.5", "--round-to", "measured", "--latency-backend", "tvm"],
+         "unknown latency backend 'tvm'; known: torch, onnxruntime, cuda"),
     ],
 )
 def test_bad_input_exits_with_one_clear_line(args: list[str], message: str, resnet20_weights: Path, tmp_path: Path, cli_env,
@@ -157,20 +160,21 @@ def test_latency_table_cli_measures_what_is_missing_then_reuses(tmp_path: Path, 
     stored beforehand, so the real timing stays short."""
     from prunepilot.compression import PruningGraph, build_model
     from prunepilot.compression.latency import LatencyTable
+    from prunepilot.service.db.store import JobStore
     from prunepilot.service.latency_store import SqlLatencyStore
     from prunepilot.service.settings import Settings
 
     assert run_cli("db", "upgrade", env_extra=cli_env).returncode == 0
     settings = Settings(data_dir=tmp_path / "data", threads=int(cli_env["PRUNEPILOT_THREADS"]))
     model = build_model("resnet20")
-    table = LatencyTable(PruningGraph(model, 32), model, SqlLatencyStore(settings.db_url), 1, settings.threads)
+    table = LatencyTable(PruningGraph(model, 32), model, SqlLatencyStore(JobStore(settings.db_url)), 1, settings.threads)
     todo = table.missing()
     table.store.put(table.device, {sig: (0.05, 1) for *_, sig in todo[5:]})
     first = run_cli("latency", "build", "--arch", "resnet20", env_extra=cli_env)
     assert first.returncode == 0, first.stderr
     assert "(5 measured now)" in first.stdout
     assert table.missing() == []
-    measured = SqlLatencyStore(settings.db_url).get(table.device)
+    measured = SqlLatencyStore(JobStore(settings.db_url)).get(table.device)
     assert all(measured[sig] > 0 for *_, sig in todo[:5])
     again = run_cli("latency", "build", "--arch", "resnet32", env_extra=cli_env)  # same layer signatures
     assert again.returncode == 0 and "(0 measured now)" in again.stdout

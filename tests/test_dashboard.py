@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pg import require_or_skip
-from server import Server
+from server import Server, migrate_with_keys
 
 from prunepilot.service.client import Client
 
@@ -43,8 +43,7 @@ def browser():
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory, mini_zip: Path, resnet20_weights: Path):
     srv = Server(tmp_path_factory.mktemp("dash"))
-    srv.cli("db", "upgrade")
-    key = srv.cli("keys", "create", "--name", "dash").split()[-1]
+    key = srv.prepare("dash")["dash"]
     srv.start()
     client = Client(srv.url, key)
     done = {}
@@ -100,32 +99,31 @@ def test_dashboard_shows_every_agent_and_updates_live(browser, seeded, mini_zip:
     page.close()
 
 
-def started_without_dispatcher(data_dir: Path) -> tuple[Server, str]:
-    """A migrated server with one key that runs no jobs (the dashboard only reads what is there)."""
-    srv = Server(data_dir)
-    srv.cli("db", "upgrade")
-    key = srv.cli("keys", "create").split()[-1]
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory: pytest.TempPathFactory):
+    """A migrated server that runs no jobs (the dashboard only reads what is there); each test
+    takes a key of its own, so it sees only its own jobs."""
+    srv = Server(tmp_path_factory.mktemp("reader"))
+    srv.prepare()
     srv.env["PRUNEPILOT_RUN_DISPATCHER"] = "0"
     srv.start()
-    return srv, key
+    yield srv
+    srv.stop()
 
 
-def test_empty_state_and_key_prompt(browser, tmp_path: Path) -> None:
-    srv, key = started_without_dispatcher(tmp_path / "empty")
-    try:
-        page = browser.new_page()
-        page.goto(f"{srv.url}/dashboard")
-        page.locator("#keyform").wait_for(state="visible", timeout=15000)  # no key yet: asks for one
-        page.fill("#keyinput", key)
-        page.click("#keyform button")
-        page.locator("#jobs-empty").wait_for(state="visible", timeout=15000)
-        assert "No jobs yet" in page.inner_text("#jobs-empty")
-        assert page.locator("#problem").is_hidden()
-        page.close()
-        assert httpx.get(f"{srv.url}/static/plotly.min.js").status_code == 200  # served locally, no CDN
-        assert httpx.get(f"{srv.url}/static/../settings.py").status_code == 404
-    finally:
-        srv.stop()
+def test_empty_state_and_key_prompt(browser, reader: Server) -> None:
+    key = migrate_with_keys(reader.db_url, "empty")["empty"]
+    page = browser.new_page()
+    page.goto(f"{reader.url}/dashboard")
+    page.locator("#keyform").wait_for(state="visible", timeout=15000)  # no key yet: asks for one
+    page.fill("#keyinput", key)
+    page.click("#keyform button")
+    page.locator("#jobs-empty").wait_for(state="visible", timeout=15000)
+    assert "No jobs yet" in page.inner_text("#jobs-empty")
+    assert page.locator("#problem").is_hidden()
+    page.close()
+    assert httpx.get(f"{reader.url}/static/plotly.min.js").status_code == 200  # served locally, no CDN
+    assert httpx.get(f"{reader.url}/static/../settings.py").status_code == 404
 
 
 def test_one_agent_problem_renders(browser, seeded) -> None:
@@ -161,29 +159,57 @@ def plant_failed_run(srv: Server, job_id: str) -> None:
                     extra={"layer": XSS, "ratio": 0.3}, **costs))
 
 
-def test_user_strings_render_as_text_under_the_csp(browser, tmp_path: Path, mini_zip: Path, resnet20_weights: Path) -> None:
+def test_user_strings_render_as_text_under_the_csp(browser, reader: Server, mini_zip: Path, resnet20_weights: Path) -> None:
     """Stored XSS: a job name, an error and layer names holding markup show as text and run nothing."""
-    srv, key = started_without_dispatcher(tmp_path / "xss")
-    try:
-        with Client(srv.url, key) as client:
-            job = client.submit(spec("uniform", 1, name=XSS), resnet20_weights, mini_zip)
-        plant_failed_run(srv, job["id"])
-        page = browser.new_page()
-        page.add_init_script(WATCH_CSP)
-        page.goto(f"{srv.url}/dashboard#key={key}")
-        # a locator, not wait_for_function: that evaluates a string, which the policy (rightly) refuses
-        page.locator("#sensitivity .scatterlayer .trace").first.wait_for(state="attached", timeout=30000)
-        assert page.evaluate("() => window.__xss") is None
-        row = page.locator(f"tr[data-job='{job['id']}']")
-        assert row.locator("td").first.inner_text() == XSS
-        assert row.locator(".error").inner_text() == f"boom: {XSS}"
-        assert page.locator("main img").count() == 0
-        assert XSS in page.locator("#ratios .xtick text").all_text_contents()  # plotly shows the layer name literally too
-        assert page.evaluate("() => window.__csp") == []
-        # the key stays in this tab, and leaves the address bar
-        assert page.evaluate("() => localStorage.getItem('prunepilot-key')") is None
-        assert page.evaluate("() => sessionStorage.getItem('prunepilot-key')") == key
-        assert key not in page.url
-        page.close()
-    finally:
-        srv.stop()
+    srv = reader
+    key = migrate_with_keys(srv.db_url, "xss")["xss"]
+    with Client(srv.url, key) as client:
+        job = client.submit(spec("uniform", 1, name=XSS), resnet20_weights, mini_zip)
+    plant_failed_run(srv, job["id"])
+    page = browser.new_page()
+    page.add_init_script(WATCH_CSP)
+    page.goto(f"{srv.url}/dashboard#key={key}")
+    # a locator, not wait_for_function: that evaluates a string, which the policy (rightly) refuses
+    page.locator("#sensitivity .scatterlayer .trace").first.wait_for(state="attached", timeout=30000)
+    assert page.evaluate("() => window.__xss") is None
+    row = page.locator(f"tr[data-job='{job['id']}']")
+    assert row.locator("td").first.inner_text() == XSS
+    assert row.locator(".error").inner_text() == f"boom: {XSS}"
+    assert page.locator("main img").count() == 0
+    assert XSS in page.locator("#ratios .xtick text").all_text_contents()  # plotly shows the layer name literally too
+    assert page.evaluate("() => window.__csp") == []
+    # the key stays in this tab, and leaves the address bar
+    assert page.evaluate("() => localStorage.getItem('prunepilot-key')") is None
+    assert page.evaluate("() => sessionStorage.getItem('prunepilot-key')") == key
+    assert key not in page.url
+    page.close()
+
+
+def test_the_devices_panel_lists_devices_their_tables_and_jobs(browser, reader: Server, mini_zip: Path, resnet20_weights: Path) -> None:
+    """Issue 22: each device with its agent's fingerprint (the agent's own string: shown as text), last
+    seen, table entries, and this user's jobs on it; a job waiting for its device says so."""
+    from prunepilot.service.auth import create_key
+    from prunepilot.service.db.engine import session_scope
+    from prunepilot.service.db.models import Job
+
+    key = migrate_with_keys(reader.db_url, "devices")["devices"]
+    agent = create_key(reader.db_url, "board agent", device="board")[1]
+    r = httpx.post(f"{reader.url}/v1/devices/board/register", headers={"Authorization": f"Bearer {agent}"},
+                   json={"backend": "onnxruntime", "fingerprint": f"cpu={XSS}"})
+    assert r.status_code == 200, r.text
+    with Client(reader.url, key) as client:
+        job = client.submit(spec("uniform", 1, name="on the board", target={"device": "board"},
+                                 budget={"constraints": [{"resource": "latency", "ratio": 0.8}]}), resnet20_weights, mini_zip)
+    with session_scope(reader.db_url) as s:
+        s.get(Job, job["id"]).phase = "waiting for device board"  # as the worker writes it (no dispatcher here)
+    page = browser.new_page()
+    page.add_init_script(WATCH_CSP)
+    page.goto(f"{reader.url}/dashboard#key={key}")
+    row = page.locator("#devices tbody tr").first
+    row.wait_for(state="attached", timeout=15000)
+    cells = row.locator("td").all_inner_texts()
+    assert cells[:4] == ["board", "connected", "onnxruntime", f"cpu={XSS}"] and cells[5] == "0"
+    assert cells[7].split() == ["on", "the", "board", "queued"]
+    assert page.locator(f"tr[data-job='{job['id']}'] .phase").inner_text() == "waiting for device board"
+    assert page.evaluate("() => window.__xss") is None and page.evaluate("() => window.__csp") == []
+    page.close()

@@ -24,8 +24,7 @@ BOUNDARY = "ppboundary"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     srv = Server(tmp_path_factory.mktemp("limits"), {"PRUNEPILOT_MAX_UPLOAD_BYTES": str(LIMIT), "PRUNEPILOT_RUN_DISPATCHER": "0"})
-    srv.cli("db", "upgrade")
-    srv.key = srv.cli("keys", "create", "--name", "alice").split()[-1]
+    srv.key = srv.prepare("alice")["alice"]
     srv.start()
     yield srv
     srv.stop()

@@ -163,19 +163,20 @@ def test_interrupted_build_resumes(pruner20: Pruner, tmp_path: Path) -> None:
 
 def test_sql_store_shares_entries(db_url: str, resnet20) -> None:
     from prunepilot.service.db.migrate import upgrade
+    from prunepilot.service.db.store import JobStore
     from prunepilot.service.latency_store import SqlLatencyStore
 
     upgrade(db_url)
     pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32)
-    first = fake_table(pruner, SqlLatencyStore(db_url))
+    first = fake_table(pruner, SqlLatencyStore(JobStore(db_url)))
     n = first.build(warmup=1, repeats=3)
     assert n == len(unique(first))
-    second = fake_table(pruner, SqlLatencyStore(db_url))
+    second = fake_table(pruner, SqlLatencyStore(JobStore(db_url)))
     assert second.missing() == []
     second.load()
     assert second.values == first.values
     second.store.put(second.device, {next(iter(first.values)): (123.0, 1)})  # a duplicate is ignored, not overwritten
-    assert SqlLatencyStore(db_url).get(first.device)[next(iter(first.values))] == first.values[next(iter(first.values))]
+    assert SqlLatencyStore(JobStore(db_url)).get(first.device)[next(iter(first.values))] == first.values[next(iter(first.values))]
 
 
 def test_saved_calibration_restores_only_onto_the_same_entries(table20: LatencyTable, tmp_path: Path) -> None:

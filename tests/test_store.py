@@ -84,9 +84,10 @@ def test_trial_steps_are_unique_and_rewrites_are_idempotent(db_url: str) -> None
 
 
 def _writer(url: str, job_id: str, start: int, n: int) -> None:
+    from prunepilot.service.db.store import JobStore
     from prunepilot.service.recorder import SqlTrialRecorder
 
-    rec = SqlTrialRecorder(url, job_id)
+    rec = SqlTrialRecorder(JobStore(url), job_id)
     for step in range(start, start + n):
         rec.record(_trial(step, acc=step / 1000))
 
@@ -117,6 +118,7 @@ def test_a_search_resumed_through_the_sql_recorder_evaluates_each_step_once(db_u
 
     from prunepilot.agents import SearchCancelled, SearchContext, SearchLimits, create_agent
     from prunepilot.compression import Pruner, build_model
+    from prunepilot.service.db.store import JobStore
     from prunepilot.service.recorder import SqlTrialRecorder
 
     upgrade(db_url)
@@ -133,12 +135,12 @@ def test_a_search_resumed_through_the_sql_recorder_evaluates_each_step_once(db_u
         ctx = SearchContext(evaluator, {"flops": 0.5}, SearchLimits(max_evaluations=10), recorder, seed=0, agent="random")
         create_agent("random").search(ctx)
 
-    killed = CountingRecorder(db_url, "resumed")
+    killed = CountingRecorder(JobStore(db_url), "resumed")
     killed.should_stop = lambda: len(recorded) >= 4  # type: ignore[method-assign]  # the worker dies here
     with pytest.raises(SearchCancelled):
         search(killed)
     assert recorded == [0, 1, 2, 3] and evaluator.evaluations == 4
-    search(CountingRecorder(db_url, "resumed"))
+    search(CountingRecorder(JobStore(db_url), "resumed"))
     assert recorded == list(range(10))  # steps 0-3 came back from the database, not from a second run
     assert evaluator.evaluations == 10
     with session_scope(db_url) as s:

@@ -7,7 +7,7 @@ from typing import Annotated, cast
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from ..auth import Principal, Unauthorized, principal_for
+from ..auth import Forbidden, Principal, Unauthorized, principal_for
 from ..jobs import JobService
 from ..middleware import PRINCIPAL_STATE
 from ..settings import Settings
@@ -26,9 +26,11 @@ def get_principal(request: Request, creds: Annotated[HTTPAuthorizationCredential
     if PRINCIPAL_STATE in verified:  # POSTs: the middleware checked the key before reading the body
         return cast(Principal | None, verified[PRINCIPAL_STATE])
     try:
-        return principal_for(settings, request.headers.get("authorization"))
+        return principal_for(settings, request.headers.get("authorization"), request.scope["path"])
     except Unauthorized as exc:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+    except Forbidden as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
 
 
 def owner_of(principal: Principal | None) -> int | None:

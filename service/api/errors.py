@@ -14,7 +14,8 @@ from ..schemas import ErrorBody
 DESCRIPTIONS = {
     400: "The request could not be read (e.g. a malformed multipart body)",
     401: "No API key, or an invalid or revoked one",
-    404: "No such job (another user's job is reported as missing too)",
+    403: "The key's scope does not cover this route (a device key reaches only its device's measurement tasks)",
+    404: "No such job, device or task (another user's job is reported as missing too)",
     409: "Not possible in the job's current state",
     413: "The request body is larger than the upload limit",
     422: "Invalid input; the message names the field",
@@ -28,7 +29,7 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorBody, "description": DESCRIPTIONS[code]} for code in codes}
 
 
-AUTHED = (401, 422, 503)  # every authenticated route: bad key, bad parameter, database down
+AUTHED = (401, 403, 422, 503)  # every authenticated route: bad key, key out of scope, bad parameter, database down
 
 
 def validation_message(exc: RequestValidationError) -> str:

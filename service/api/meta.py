@@ -16,14 +16,14 @@ from .errors import responses
 router = APIRouter(tags=["meta"])
 
 
-@router.get("/v1/models", response_model=list[ArchPublic], responses=responses(401, 503), summary="Model sources",
+@router.get("/v1/models", response_model=list[ArchPublic], responses=responses(401, 403, 503), summary="Model sources",
             description="Built-in architectures, installed plugins (`plugin:<name>`) and, where timm is installed, `timm:<name>`; "
                         "an ONNX file is sent with a job instead (spec.arch 'onnx').")
 def list_models(principal: PrincipalDep) -> list[ArchPublic]:
     return [ArchPublic(**a.__dict__) for a in available_models()]
 
 
-@router.get("/v1/agents", response_model=list[AgentPublic], responses=responses(401, 503), summary="Search agents")
+@router.get("/v1/agents", response_model=list[AgentPublic], responses=responses(401, 403, 503), summary="Search agents")
 def list_agents(principal: PrincipalDep) -> list[AgentPublic]:
     return [AgentPublic(**a) for a in describe_agents()]
 

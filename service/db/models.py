@@ -5,7 +5,20 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -26,6 +39,9 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the secret; the secret is never stored
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # 'user': the API; 'device': only the measurement tasks of ``device`` (service/auth.py, check_scope)
+    scope: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
+    device: Mapped[str | None] = mapped_column(String(64), default=None)
 
 
 class Upload(Base):
@@ -53,6 +69,7 @@ class Job(Base):
     problem: Mapped[dict[str, Any]] = mapped_column(JSON)  # the full, validated job spec
     problem_key: Mapped[str] = mapped_column(String(64), index=True)  # same model + data + budget -> same key
     name: Mapped[str | None] = mapped_column(String(200), default=None)
+    phase: Mapped[str | None] = mapped_column(String(200), default=None)  # what the worker waits on, e.g. 'waiting for device NAME'
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     finetune_progress: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     evaluations: Mapped[int] = mapped_column(Integer, default=0)
@@ -124,3 +141,49 @@ class LatencyEntry(Base):
     latency_ms: Mapped[float] = mapped_column(Float)
     repeats: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Device(Base):
+    """A latency target reached through a device agent. Declared with its first key
+    (``prunepilot keys create --device NAME``); the agent registers its fingerprint and backend."""
+
+    __tablename__ = "devices"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    backend: Mapped[str | None] = mapped_column(String(32), default=None)
+    fingerprint: Mapped[str | None] = mapped_column(String(300), default=None)  # the latency table's key; None until registered
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # what the agent said about itself (runtime, threads, host)
+    registered_by: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    registered_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_seen: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DeviceTask(Base):
+    """One measurement for a device's agent: a latency-table entry or a set of networks timed together.
+
+    ``key`` makes a task idempotent: an entry's key names its structure, input and the device's
+    fingerprint, so a recorded entry is never measured again (by a retried worker or another job).
+    A lease (owner + expiry) hands the task to one agent; an expired lease hands it to the next."""
+
+    __tablename__ = "device_tasks"
+    __table_args__ = (UniqueConstraint("device_id", "key", name="uq_device_tasks_device_key"),
+                      Index("ix_device_tasks_device_finished", "device_id", "finished_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16))  # entry | network
+    key: Mapped[str] = mapped_column(String(64))
+    fingerprint: Mapped[str] = mapped_column(String(300))
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # input shapes, warmup, repeats, rounds
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary, default=None, deferred=True)  # ONNX models (zip); dropped once measured
+    payload_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    leases: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    measured_by: Mapped[str | None] = mapped_column(String(128), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)

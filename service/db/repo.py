@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Insert, and_, func, not_, or_, select, update
+from sqlalchemy import ColumnElement, CursorResult, Insert, and_, delete, func, not_, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from prunepilot.agents import TrialRecord
 
 from .lifecycle import ACTIVE, IN_WORKER, JobStatus, sources
-from .models import ApiKey, Artifact, Job, LatencyEntry, Trial, Upload, utcnow
+from .models import ApiKey, Artifact, Device, DeviceTask, Job, LatencyEntry, Trial, Upload, utcnow
 
 # ------------------------------------------------------------------ jobs
 
@@ -197,6 +197,20 @@ def record_trial(session: Session, *, job_id: str, trial: TrialRecord) -> bool:
     return session.execute(stmt.returning(Trial.id)).scalar() is not None
 
 
+def note_trial(session: Session, *, job_id: str, trial: TrialRecord, max_evaluations: int | None) -> None:
+    """The job row follows a recorded trial: its evaluation count, progress and heartbeat, and its
+    best. Both are conditional updates, so writers racing on one job (a retried worker beside a
+    late one) can only move the count forward and raise the best."""
+    count = trial.step + 1
+    values: dict[str, Any] = {"evaluations": count, "heartbeat_at": utcnow(), "updated_at": utcnow()}
+    if max_evaluations:
+        values["progress"] = min(1.0, count / max_evaluations)
+    session.execute(update(Job).where(Job.id == job_id, Job.evaluations < count).values(**values))
+    if trial.feasible and trial.kind != "sensitivity":
+        session.execute(update(Job).where(Job.id == job_id, or_(Job.best_accuracy.is_(None), Job.best_accuracy < trial.accuracy))
+                        .values(best_accuracy=trial.accuracy, best_step=trial.step, best_metrics=trial.metrics))
+
+
 def list_trials(session: Session, *, job_id: str, kind: str | None = None, limit: int | None = None, offset: int = 0) -> tuple[list[Trial], int]:
     stmt = select(Trial).where(Trial.job_id == job_id)
     if kind:
@@ -276,8 +290,8 @@ def put_latency_entries(session: Session, *, device: str, entries: dict[str, tup
 # ------------------------------------------------------------------ API keys
 
 
-def add_api_key(session: Session, *, name: str, prefix: str, key_hash: str) -> ApiKey:
-    key = ApiKey(name=name, prefix=prefix, key_hash=key_hash, created_at=utcnow())
+def add_api_key(session: Session, *, name: str, prefix: str, key_hash: str, scope: str = "user", device: str | None = None) -> ApiKey:
+    key = ApiKey(name=name, prefix=prefix, key_hash=key_hash, created_at=utcnow(), scope=scope, device=device)
     session.add(key)
     session.flush()
     return key
@@ -296,3 +310,149 @@ def revoke_api_key(session: Session, *, key_id: int, when: datetime | None = Non
                                                   .values(revoked_at=when or utcnow())))
     return res.rowcount == 1
 
+
+
+# ------------------------------------------------------------------ devices and their measurement tasks
+
+
+def ensure_device(session: Session, *, name: str) -> Device:
+    """The device of this name, declared now if it was not yet."""
+    dialect = session.get_bind().dialect.name
+    ins = sqlite_insert if dialect == "sqlite" else pg_insert
+    session.execute(ins(Device).values(name=name, info={}, created_at=utcnow()).on_conflict_do_nothing(index_elements=["name"]))
+    device = session.scalars(select(Device).where(Device.name == name)).one()
+    return device
+
+
+def get_device(session: Session, *, name: str) -> Device | None:
+    return session.scalars(select(Device).where(Device.name == name)).first()
+
+
+def list_devices(session: Session) -> list[Device]:
+    return list(session.scalars(select(Device).order_by(Device.name)).all())
+
+
+def register_device(session: Session, *, name: str, backend: str, fingerprint: str, info: dict[str, Any], key_id: int | None) -> bool:
+    """An agent says what it is; False if no such device was declared."""
+    now = utcnow()
+    res = cast(CursorResult[Any], session.execute(
+        update(Device).where(Device.name == name)
+        .values(backend=backend, fingerprint=fingerprint, info=info, registered_by=key_id, registered_at=now, last_seen=now)))
+    return res.rowcount == 1
+
+
+def touch_device(session: Session, *, device_id: int) -> None:
+    session.execute(update(Device).where(Device.id == device_id).values(last_seen=utcnow()))
+
+
+def add_device_tasks(session: Session, *, device_id: int, tasks: Sequence[dict[str, Any]]) -> None:
+    """Insert tasks (``kind``, ``key``, ``fingerprint``, ``job_id``, ``spec``, ``payload``); a task whose
+    key the device already has is kept as it is (measured or on its way), never duplicated."""
+    if not tasks:
+        return
+    now = utcnow()
+    rows = [{**t, "device_id": device_id, "payload_bytes": len(t["payload"]), "leases": 0, "created_at": now} for t in tasks]
+    dialect = session.get_bind().dialect.name
+    ins = sqlite_insert if dialect == "sqlite" else pg_insert
+    session.execute(ins(DeviceTask).values(rows).on_conflict_do_nothing(index_elements=["device_id", "key"]))
+
+
+def device_task_results(session: Session, *, device_id: int, keys: Sequence[str]) -> dict[str, dict[str, Any] | None]:
+    """Result (None while not measured) of each of ``keys`` the device has a task for."""
+    if not keys:
+        return {}
+    rows = session.execute(select(DeviceTask.key, DeviceTask.result)
+                           .where(DeviceTask.device_id == device_id, DeviceTask.key.in_(list(keys)))).all()
+    return {k: r for k, r in rows}
+
+
+def lease_device_tasks(session: Session, *, device_id: int, fingerprint: str, owner: str, lease_s: float, limit: int) -> list[DeviceTask]:
+    """Hand up to ``limit`` open tasks of the device (never leased, or whose lease expired) to ``owner``.
+
+    Each task is taken by one conditional UPDATE that names the state it leaves, so of two agents
+    polling at once each task goes to exactly one. Only tasks for the device's current fingerprint:
+    an entry measured on other hardware or another runtime would be stored under the wrong key."""
+    now = utcnow()
+    free = and_(DeviceTask.device_id == device_id, DeviceTask.finished_at.is_(None), DeviceTask.fingerprint == fingerprint,
+                or_(DeviceTask.lease_expires_at.is_(None), DeviceTask.lease_expires_at < now))
+    ids = session.scalars(select(DeviceTask.id).where(free).order_by(DeviceTask.id).limit(limit)).all()
+    won = []
+    until = now + timedelta(seconds=lease_s)
+    for task_id in ids:
+        res = cast(CursorResult[Any], session.execute(
+            update(DeviceTask).where(DeviceTask.id == task_id, free)
+            .values(lease_owner=owner, lease_expires_at=until, leases=DeviceTask.leases + 1)))
+        if res.rowcount == 1:
+            won.append(task_id)
+    if not won:
+        return []
+    return list(session.scalars(select(DeviceTask).where(DeviceTask.id.in_(won)).order_by(DeviceTask.id)).all())
+
+
+def extend_device_leases(session: Session, *, device_id: int, owner: str, lease_s: float) -> int:
+    """An agent still at work: its unfinished leases run another ``lease_s`` seconds."""
+    res = cast(CursorResult[Any], session.execute(
+        update(DeviceTask).where(DeviceTask.device_id == device_id, DeviceTask.lease_owner == owner, DeviceTask.finished_at.is_(None))
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))))
+    return res.rowcount or 0
+
+
+def release_device_leases(session: Session, *, device_id: int, owner: str) -> int:
+    """An agent stopping hands its unfinished tasks back: open to the next lease at once."""
+    res = cast(CursorResult[Any], session.execute(
+        update(DeviceTask).where(DeviceTask.device_id == device_id, DeviceTask.lease_owner == owner, DeviceTask.finished_at.is_(None))
+        .values(lease_owner=None, lease_expires_at=None)))
+    return res.rowcount or 0
+
+
+def drop_open_network_tasks(session: Session, *, device_id: int, keys: Sequence[str]) -> int:
+    """Network tasks nobody waits for any more (their job was cancelled or failed): not measured,
+    their payloads not kept. Entry tasks stay: another job, or this one retried, will want them."""
+    stmt = delete(DeviceTask).where(DeviceTask.device_id == device_id, DeviceTask.kind == "network", DeviceTask.key.in_(list(keys)),
+                                    DeviceTask.finished_at.is_(None))
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount or 0
+
+
+def device_task_payload(session: Session, *, device_id: int, task_id: int) -> bytes | None:
+    """The ONNX models of a task not yet measured; None once it is (or if it is another device's)."""
+    return session.scalar(select(DeviceTask.payload).where(DeviceTask.id == task_id, DeviceTask.device_id == device_id,
+                                                           DeviceTask.finished_at.is_(None)))
+
+
+def get_device_task(session: Session, *, device_id: int, task_id: int) -> DeviceTask | None:
+    return session.scalars(select(DeviceTask).where(DeviceTask.id == task_id, DeviceTask.device_id == device_id)).first()
+
+
+def record_device_result(session: Session, *, device_id: int, task_id: int, owner: str, result: dict[str, Any]) -> bool:
+    """The one write of a task's result: only by the agent holding its lease, only once. False
+    otherwise (measured already, or leased again to another agent after this one went quiet)."""
+    res = cast(CursorResult[Any], session.execute(
+        update(DeviceTask).where(DeviceTask.id == task_id, DeviceTask.device_id == device_id, DeviceTask.finished_at.is_(None),
+                                 DeviceTask.lease_owner == owner)
+        .values(result=result, measured_by=owner, finished_at=utcnow(), payload=None, lease_expires_at=None)))
+    return res.rowcount == 1
+
+
+def device_task_counts(session: Session, *, device_id: int) -> dict[str, int]:
+    """Tasks of the device by state: open (waiting or leased) and done."""
+    rows = session.execute(select(DeviceTask.finished_at.is_(None), func.count()).where(DeviceTask.device_id == device_id)
+                           .group_by(DeviceTask.finished_at.is_(None))).all()
+    counts = {"open": 0, "done": 0}
+    for is_open, n in rows:
+        counts["open" if is_open else "done"] += int(n)
+    return counts
+
+
+def latency_entry_count(session: Session, *, device_prefix: str) -> int:
+    """Latency-table entries stored under any table key that starts with ``device_prefix``."""
+    stmt = select(func.count()).select_from(LatencyEntry).where(LatencyEntry.device.startswith(device_prefix, autoescape=True))
+    return int(session.scalar(stmt) or 0)
+
+
+def jobs_on_device(session: Session, *, device: str, owner_id: int | None, limit: int = 20) -> list[Job]:
+    """The jobs (of ``owner_id``, when given) whose latency target is ``device``, newest first."""
+    named = Job.problem[("spec", "target", "device")].as_string() == device
+    stmt = select(Job).where(named)
+    if owner_id is not None:
+        stmt = stmt.where(Job.owner_id == owner_id)
+    return list(session.scalars(stmt.order_by(Job.created_at.desc()).limit(limit)).all())

@@ -1,6 +1,7 @@
-"""JobStore: one database (its engine is ``get_engine(url)``'s, one pool per process) and the job
-lifecycle's operations on it. Callers hold a store instead of threading a URL through; every status
-change is one of these methods, each a conditional update in ``repo`` (see ``lifecycle``)."""
+"""JobStore: one database (its engine is ``get_engine(url)``'s, one pool per process) and the
+operations on it that jobs and workers need: the job lifecycle, trials, latency-table entries.
+Callers hold a store instead of threading a URL through; every status change is one of these
+methods, each a conditional update in ``repo`` (see ``lifecycle``); SQL lives only in ``repo``."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy.orm import Session
+
+from prunepilot.agents import TrialRecord
 
 from . import repo
 from .engine import read_scope, session_scope
@@ -64,6 +67,28 @@ class JobStore:
         with self.read() as s:
             job = repo.get_job(s, job_id=job_id)
             return JobStatus(job.status) if job is not None else None
+
+    # ------------------------------------------------------------------ trials (the worker's recorder)
+
+    def record_trial(self, job_id: str, trial: TrialRecord, max_evaluations: int | None) -> None:
+        """The trial, and the job row following it (count, progress, best), in one transaction."""
+        with self.write() as s:
+            repo.record_trial(s, job_id=job_id, trial=trial)
+            repo.note_trial(s, job_id=job_id, trial=trial, max_evaluations=max_evaluations)
+
+    def trials(self, job_id: str) -> list[TrialRecord]:
+        with self.read() as s:
+            return repo.trial_records(s, job_id=job_id)
+
+    # ------------------------------------------------------------------ latency-table entries (shared by every job)
+
+    def latency_entries(self, device: str) -> dict[str, float]:
+        with self.read() as s:
+            return repo.latency_entries(s, device=device)
+
+    def put_latency_entries(self, device: str, entries: dict[str, tuple[float, int]]) -> None:
+        with self.write() as s:
+            repo.put_latency_entries(s, device=device, entries=entries)
 
     # ------------------------------------------------------------------ dispatcher side
 

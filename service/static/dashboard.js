@@ -81,6 +81,7 @@ function jobRow(job) {
     el("td", {}, el("span", { className: "bar" }, fill), " ",
       el("span", { className: "progress-text" }, `${(100 * progress).toFixed(0)}% · ${job.evaluations} evals`)),
     el("td", {}, created));
+  if (job.phase) { tr.children[1].append(el("div", { className: "muted phase" }, job.phase)); }
   tr.dataset.job = job.id;
   if (state.problem === job.problem_key) tr.classList.add("selected");
   tr.addEventListener("click", () => selectProblem(job.problem_key));
@@ -104,8 +105,37 @@ async function refreshJobs() {
       if (chosen) { state.problem = chosen.problem_key; }
     }
     renderJobs();
+    await refreshDevices();
     if (state.problem) { await refreshProblem(); }
   } catch (err) { document.getElementById("conn").textContent = String(err.message || err); }
+}
+
+// ------------------------------------------------------------------ devices (remote latency targets)
+
+const when = (t) => (t ? new Date(t + (t.endsWith("Z") || t.includes("+") ? "" : "Z")).toLocaleString() : "never");
+
+function deviceRow(d) {
+  const jobs = el("td", {});
+  d.jobs.forEach((j, i) => {
+    const link = el("a", { href: `#job=${j.id}`, title: j.id }, j.name || j.id.slice(0, 8));
+    link.addEventListener("click", (e) => {
+      e.preventDefault();
+      const job = state.jobs.find((x) => x.id === j.id);
+      if (job) { selectProblem(job.problem_key); }
+    });
+    jobs.append(...(i ? [", "] : []), link, " ", el("span", { className: `status ${j.status}` }, j.status));
+  });
+  const agent = d.connected ? el("span", { className: "status succeeded" }, "connected")
+    : el("span", { className: "status cancelled" }, d.fingerprint ? "disconnected" : "never registered");
+  return el("tr", {}, el("td", {}, d.name), el("td", {}, agent), el("td", {}, d.backend || ""),
+    el("td", { className: "fingerprint" }, d.fingerprint || ""), el("td", {}, when(d.last_seen)), el("td", {}, d.entries),
+    el("td", {}, `${d.tasks.open} / ${d.tasks.done}`), jobs);
+}
+
+async function refreshDevices() {
+  const devices = await (await api("/v1/devices")).json();
+  document.getElementById("devices-section").hidden = devices.length === 0;
+  document.querySelector("#devices tbody").replaceChildren(...devices.map(deviceRow));
 }
 
 // ------------------------------------------------------------------ problem view

@@ -9,6 +9,7 @@ import torch
 
 from prunepilot.agents import SearchContext, SearchEnv, SearchLimits, create_agent
 from prunepilot.compression import Evaluator, Fidelity, Pruner, load_model, load_splits
+from prunepilot.service.db.store import JobStore
 from prunepilot.service.recorder import SqlTrialRecorder
 
 
@@ -18,7 +19,7 @@ def main() -> None:
     splits = load_splits(data, val_size=300)
     pruner = Pruner(load_model("resnet20", weights), "resnet20", 10, 32)
     ev = Evaluator(pruner, splits, Fidelity(val_images=100, calib_images=128))
-    rec = SqlTrialRecorder(url, job_id)
+    rec = SqlTrialRecorder(JobStore(url), job_id)
     ctx = SearchContext(ev, {"flops": 0.5}, SearchLimits(max_evaluations=int(evals)), rec, seed=3, agent="optuna-tpe",
                         env=SearchEnv(optuna_storage=url, study_name=f"job-{job_id}"))
     result = create_agent("optuna-tpe").search(ctx)

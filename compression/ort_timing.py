@@ -1,0 +1,102 @@
+"""Timing ONNX models in ONNX Runtime.
+
+This module imports only numpy and onnxruntime (never torch, never the rest of the engine), so a
+device agent with a minimal install can time what the service sends it exactly the way the
+``onnxruntime`` latency backend times it here. Models travel as ONNX bytes with a fixed input shape.
+
+Sessions pin ``intra_op_num_threads`` (0 = ONNX Runtime's default, one per physical core), run
+sequentially with one inter-op thread, and keep ONNX Runtime's default graph optimizations (Conv +
+BatchNorm + ReLU fused), i.e. what a deployed model gets.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+Model = tuple[bytes, tuple[int, ...]]  # ONNX bytes and the (fixed) input shape it is timed at
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def onnx_session(model_bytes: bytes, threads: int | None, providers: Sequence[str] | None = None) -> Any:
+    """An ``InferenceSession`` for timing; ``ValueError`` naming a provider this install lacks."""
+    import onnxruntime as ort
+
+    wanted = list(providers or DEFAULT_PROVIDERS)
+    missing = [p for p in wanted if p not in ort.get_available_providers()]
+    if missing:
+        raise ValueError(f"ONNX Runtime execution provider(s) {', '.join(missing)} not installed here; "
+                         f"available: {', '.join(ort.get_available_providers())}")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(0, int(threads or 0))
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3
+    # Several sessions are timed interleaved, each with its own intra-op pool; spinning threads of
+    # the session that just ran would compete with the next one's on the same cores (a spinning
+    # ResNet-56 timed beside its pruned variants on 2 threads measured many times its own latency).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model_bytes, options, providers=wanted)
+
+
+def _feed(session: Any, input_shape: Sequence[int], seed: int = 0) -> dict[str, np.ndarray]:
+    x = np.random.default_rng(seed).standard_normal(tuple(int(d) for d in input_shape), dtype=np.float32)
+    return {session.get_inputs()[0].name: x}
+
+
+def time_sessions(runs: Sequence[tuple[Any, dict[str, np.ndarray]]], warmup: int, repeats: int) -> list[list[float]]:
+    """Raw per-run ms of several sessions, interleaved: each repeat runs every session once, in an
+    order rotated by one each repeat (none always runs first), after ``warmup`` such rounds."""
+    for _ in range(warmup):
+        for session, feed in runs:
+            session.run(None, feed)
+    times: list[list[float]] = [[] for _ in runs]
+    n = len(runs)
+    for r in range(repeats):
+        for j in range(n):
+            i = (j + r) % n
+            session, feed = runs[i]
+            start = time.perf_counter()
+            session.run(None, feed)
+            times[i].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def time_onnx_models(models: Sequence[Model], threads: int | None, warmup: int, repeats: int,
+                     providers: Sequence[str] | None = None) -> list[list[float]]:
+    """Raw per-run ms of each model, all timed interleaved in one run (compare them only with each other)."""
+    sessions = [onnx_session(data, threads, providers) for data, _ in models]
+    return time_sessions([(s, _feed(s, shape)) for s, (_, shape) in zip(sessions, models, strict=True)], warmup, repeats)
+
+
+def time_onnx(model_bytes: bytes, input_shape: tuple[int, ...], threads: int | None, warmup: int, repeats: int,
+              providers: list[str] | None = None) -> list[float]:
+    """Raw per-run ms of one ONNX model after ``warmup`` runs."""
+    return time_onnx_models([(model_bytes, input_shape)], threads, warmup, repeats, providers)[0]
+
+
+def time_onnx_entries(models: Sequence[Model], threads: int | None, warmup: int, repeats: int, rounds: int,
+                      providers: Sequence[str] | None = None) -> list[float]:
+    """Median ms of each model (latency-table entries), the way the torch backend times its probes:
+    ``rounds`` rounds over all models, each model run ``repeats`` times in a row per round (after
+    ``warmup`` runs in the first round, one in later ones), the fastest round's median kept; a
+    burst of load elsewhere then slows one round of many entries instead of every sample of one."""
+    sessions = [onnx_session(data, threads, providers) for data, _ in models]
+    runs = [(s, _feed(s, shape)) for s, (_, shape) in zip(sessions, models, strict=True)]
+    best = [float("inf")] * len(runs)
+    for r in range(max(1, rounds)):
+        for i, (session, feed) in enumerate(runs):
+            ts = time_sessions([(session, feed)], warmup if r == 0 else 1, max(1, repeats))[0]
+            best[i] = min(best[i], statistics.median(ts))
+    return best
