@@ -7,7 +7,7 @@ import io
 from typing import Any
 
 from .db import repo
-from .db.engine import read_scope
+from .db.store import JobStore
 from .jobs import NotFound, to_public
 
 TRIAL_COLUMNS = ["step", "kind", "accuracy", "macs_ratio", "params_ratio", "size_ratio", "latency_ms", "feasible", "wall_time_s"]
@@ -19,8 +19,8 @@ def _limits(problem: dict[str, Any], result: dict[str, Any] | None) -> dict[str,
     return {c["resource"]: c["ratio"] for c in problem["spec"]["budget"]["constraints"] if c.get("ratio") is not None}
 
 
-def compare(url: str, owner_id: int | None, problem_key: str) -> dict[str, Any]:
-    with read_scope(url) as s:
+def compare(store: JobStore, owner_id: int | None, problem_key: str) -> dict[str, Any]:
+    with store.read() as s:
         jobs, _ = repo.list_jobs(s, owner_id=owner_id, problem_key=problem_key, limit=500)
         if not jobs:
             raise NotFound(f"no jobs for problem {problem_key}")

@@ -48,12 +48,12 @@ def static_file(name: str) -> FileResponse:
 @router.get("/v1/problems/{problem_key}/compare", responses=responses(*AUTHED, 404),
             summary="Every job and trial of one problem, for comparing agents")
 def problem_compare(problem_key: ProblemKey, request: Request, principal: PrincipalDep) -> dict:
-    return compare(request.app.state.settings.db_url, owner_of(principal), problem_key)
+    return compare(request.app.state.jobs.store, owner_of(principal), problem_key)
 
 
 @router.get("/v1/problems/{problem_key}/export", responses=responses(*AUTHED, 404), summary="The compared data as CSV or JSON")
 def problem_export(problem_key: ProblemKey, request: Request, principal: PrincipalDep, format: Literal["csv", "json"] = "csv") -> Response:  # noqa: A002
-    data = compare(request.app.state.settings.db_url, owner_of(principal), problem_key)
+    data = compare(request.app.state.jobs.store, owner_of(principal), problem_key)
     if format == "json":
         import json
 

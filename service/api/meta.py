@@ -8,7 +8,7 @@ from prunepilot import __version__
 from prunepilot.agents import describe_agents
 from prunepilot.compression.sources import available_models
 
-from ..db.engine import read_scope
+from ..db import repo
 from ..schemas import AgentPublic, ArchPublic, Health
 from .deps import PrincipalDep
 from .errors import responses
@@ -30,8 +30,6 @@ def list_agents(principal: PrincipalDep) -> list[AgentPublic]:
 
 @router.get("/healthz", response_model=Health, responses=responses(503), summary="Liveness: database and Ray reachable")
 def health(request: Request) -> Health:
-    from sqlalchemy import text
-
-    with read_scope(request.app.state.settings.db_url) as s:
-        s.execute(text("SELECT 1"))
-    return Health(status="ok", database=s.get_bind().dialect.name, ray=request.app.state.ray_mode, version=__version__)
+    with request.app.state.jobs.store.read() as s:
+        database = repo.ping(s)
+    return Health(status="ok", database=database, ray=request.app.state.ray_mode, version=__version__)

@@ -268,6 +268,15 @@ def add_upload(session: Session, *, sha256: str, kind: str, path: str, size_byte
     return up
 
 
+# ------------------------------------------------------------------ health
+
+
+def ping(session: Session) -> str:
+    """A round trip to the database; its dialect's name."""
+    session.execute(select(1))
+    return session.get_bind().dialect.name
+
+
 # ------------------------------------------------------------------ latency table
 
 
