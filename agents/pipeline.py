@@ -44,6 +44,9 @@ class FinalConfig:
     finetune_dense: bool = False
     test_images: int | None = None
     latency_batches: tuple[int, ...] = (1, 64)
+    # where the final latency figures are timed: the job's latency target (the default, torch on
+    # the worker's CPU, keeps the figures exactly as they were measured before targets existed)
+    target: LatencyTarget = field(default_factory=LatencyTarget)
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,17 @@ def finish(pruner: Pruner, splits: DataSplits, strategy: Mapping[str, float], co
                     test_images=config.test_images, latency_batches=config.latency_batches, threads=_threads(hooks),
                     on_step=hooks.on_finetune_step, initial_model=initial_model,
                     checkpoint_dir=hooks.state_dir / "finetune" if hooks.state_dir is not None else None, device=hooks.device,
-                    gpu_eval_batch=hooks.gpu_eval_batch)
+                    gpu_eval_batch=hooks.gpu_eval_batch, latency_backend=_final_backend(config, hooks))
+
+
+def _final_backend(config: FinalConfig, hooks: PipelineHooks) -> LatencyBackend | None:
+    """The final figures' clock: the host's backend (a device's agent), else the target's local one;
+    None for the default target (torch eager here, the clock ``finalize`` has always used)."""
+    if hooks.latency_backend is not None:
+        return hooks.latency_backend
+    if config.target == LatencyTarget():
+        return None
+    return local_backend(config.target.backend, _threads(hooks))
 
 
 def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, final: FinalResult, arch: str) -> dict[str, Any]:

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .backends import LatencyBackend
+from .backends import measure_pair as measure_pair_on
 from .compute_device import GPU_EVAL_BATCH, exact_float32, inference_batch, place, resolve_device
 from .data import DataSplits, ImageSource, Normalizer
 from .evaluate import accuracy_on, recalibrate_batchnorm
@@ -43,6 +45,7 @@ class FinalResult:
     finetune_seconds: float
     test_images: int
     seconds: float
+    latency_on: str = "torch"  # the latency backend the figures' latency_ms were timed on
 
     def report(self) -> dict[str, Any]:
         d, p = self.figures["dense"], self.figures["pruned"]
@@ -55,6 +58,7 @@ class FinalResult:
             "params_ratio": p.params / d.params,
             "size_ratio": p.size_bytes / d.size_bytes,
             "latency_speedup": speedups,
+            "latency_measured_on": self.latency_on,
             "strategy": self.pruned.strategy,
             "kept_channels": self.pruned.kept,
             "spec": self.pruned.spec.to_dict(),
@@ -82,11 +86,18 @@ def figures(model: nn.Module, acc: float, input_size: int, latency: Mapping[int,
                    {str(b): ms for b, ms in latency.items()})
 
 
-def paired_latency(a: nn.Module, b: nn.Module, input_size: int, batches: tuple[int, ...], threads: int | None) -> tuple[dict[int, float], dict[int, float]]:
+def paired_latency(a: nn.Module, b: nn.Module, input_size: int, batches: tuple[int, ...], threads: int | None,
+                   backend: LatencyBackend | None = None) -> tuple[dict[int, float], dict[int, float]]:
+    """Both models' median ms per batch size, timed interleaved: in torch eager on this CPU, or on
+    ``backend`` (the job's latency target: ONNX Runtime, a device's agent)."""
     la: dict[int, float] = {}
     lb: dict[int, float] = {}
     for bs in batches:
-        ra, rb = measure_pair(a, b, input_size, bs, threads, warmup=3, repeats=60 if bs == 1 else 10)
+        repeats = 60 if bs == 1 else 10
+        if backend is None:
+            ra, rb = measure_pair(a, b, input_size, bs, threads, warmup=3, repeats=repeats)
+        else:
+            ra, rb = measure_pair_on(backend, a, b, input_size, bs, threads, warmup=3, repeats=repeats)
         la[bs], lb[bs] = ra.median_ms, rb.median_ms
     return la, lb
 
@@ -116,12 +127,14 @@ def finalize(
     checkpoint_dir: Path | None = None,
     device: str | torch.device = "cpu",
     gpu_eval_batch: int = GPU_EVAL_BATCH,
+    latency_backend: LatencyBackend | None = None,
 ) -> FinalResult:
     """``initial_model``: the pruned network an agent already adapted (NetAdapt); fine-tuning starts
     from it instead of re-pruning the dense weights with ``strategy``. ``checkpoint_dir``: where the
     fine-tunes keep their checkpoints, so a run killed midway continues where it stopped.
     ``device``: the compute device of BN re-estimation, fine-tuning and test accuracy; the result's
-    models are on the CPU."""
+    models are on the CPU. ``latency_backend``: where the final latency figures are timed (default:
+    torch eager on this CPU)."""
     dev = resolve_device(device)
     start = time.perf_counter()
     if initial_model is not None:
@@ -157,10 +170,11 @@ def finalize(
         if m is not None:
             m.to("cpu")
     size = pruner.input_size
-    dense_lat, pruned_lat = paired_latency(dense, model, size, latency_batches, threads)
+    dense_lat, pruned_lat = paired_latency(dense, model, size, latency_batches, threads, latency_backend)
     figs = {"dense": figures(dense, acc["dense"], size, dense_lat), "pruned": figures(model, acc["pruned"], size, pruned_lat)}
     if dense_ft is not None:
         figs["dense_finetuned"] = figures(dense_ft, acc["dense_finetuned"], size, dense_lat)
     pruned.model = model
     pruned.spec.mean, pruned.spec.std = splits.mean, splits.std  # the artifact says how to feed it
-    return FinalResult(pruned, figs, ft.seconds, len(test), time.perf_counter() - start)
+    return FinalResult(pruned, figs, ft.seconds, len(test), time.perf_counter() - start,
+                       latency_backend.name if latency_backend is not None else "torch")

@@ -298,6 +298,7 @@ def prune(
 
     torch.set_num_threads(settings.threads)
     from prunepilot.agents.pipeline import FinalConfig, PipelineHooks, finish
+    from prunepilot.compression.backends import LatencyTarget
 
     from .workspace import open_session
 
@@ -343,7 +344,8 @@ def prune(
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         result = finish(pruner, session.splits, chosen,
-                        FinalConfig(finetune=config, finetune_dense=finetune_dense, test_images=test_images),
+                        FinalConfig(finetune=config, finetune_dense=finetune_dense, test_images=test_images,
+                                    target=LatencyTarget(backend=latency_backend)),
                         PipelineHooks(threads=settings.threads, on_finetune_step=on_step, device=compute,
                                       gpu_eval_batch=settings.gpu_eval_batch))
     said.append("BatchNorm statistics were re-estimated on training images after pruning"

@@ -173,7 +173,8 @@ class JobCreate(ModelSpec):
                               search=self.search.to_engine(), fidelity=self.fidelity.to_engine(),
                               final=FinalConfig(finetune=self.finetune.to_engine(self.seed), finetune_dense=self.finetune.finetune_dense,
                                                 test_images=self.measure.test_images,
-                                                latency_batches=tuple(self.measure.latency_batches)),
+                                                latency_batches=tuple(self.measure.latency_batches),
+                                                target=self.target.to_engine()),
                               seed=self.seed, target=self.target.to_engine())
 
 

@@ -4,6 +4,7 @@ the report the worker stores and the CLI prints, and the typed config a job spec
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 
@@ -72,3 +73,32 @@ def test_a_job_spec_parses_once_into_the_engine_configs() -> None:
     assert c.final.latency_batches == (1, 8) and c.search == SearchLimits(60)
     constraints = spec.constraints.to_engine()
     assert constraints.max_ratio == 0.7 and constraints.exclude == ("conv1",) and constraints.first_layer_max_ratio == 0.5
+
+
+def test_the_final_figures_are_timed_on_the_jobs_latency_target(resnet20, mini_splits, monkeypatch) -> None:
+    """A job whose target is ONNX Runtime reports its final latency as timed there, not in torch eager;
+    the default target keeps torch's clock."""
+    from prunepilot.agents import pipeline
+    from prunepilot.compression.backends import LatencyTarget
+    from prunepilot.compression.measure import Latency
+
+    class Spy:
+        name = "onnxruntime"
+        threads = 2
+        calls: list[int] = []
+
+        def measure(self, models, input_size, batch_size, threads, warmup, repeats):  # type: ignore[no-untyped-def]
+            Spy.calls.append(batch_size)
+            return [Latency(4.0 / (i + 1), 0, 0, batch_size, 2, repeats) for i in range(len(models))]
+
+    asked: list[str] = []
+    monkeypatch.setattr(pipeline, "local_backend", lambda name, threads: asked.append(name) or Spy())
+    pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32)
+    final = FinalConfig(finetune=FinetuneConfig(steps=0), test_images=50, latency_batches=(1,), target=LatencyTarget("onnxruntime"))
+    done = pipeline.finish(pruner, mini_splits, {}, final, PipelineHooks(threads=2))
+    assert asked == ["onnxruntime"] and Spy.calls == [1, 1, 1]  # three interleaved rounds at batch 1
+    report = done.report()
+    assert report["latency_measured_on"] == "onnxruntime"
+    assert done.figures["dense"].latency_ms == {"1": 4.0} and done.figures["pruned"].latency_ms == {"1": 2.0}
+    torch_run = pipeline.finish(pruner, mini_splits, {}, dataclasses.replace(final, target=LatencyTarget()), PipelineHooks(threads=2))
+    assert asked == ["onnxruntime"] and torch_run.report()["latency_measured_on"] == "torch"
