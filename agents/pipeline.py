@@ -114,14 +114,14 @@ def _threads(hooks: PipelineHooks) -> int:
     return hooks.threads or torch.get_num_threads()
 
 
-def latency_backend(config: PipelineConfig, hooks: PipelineHooks) -> LatencyBackend:
+def latency_backend(target: LatencyTarget, hooks: PipelineHooks) -> LatencyBackend:
     """The backend the job's latency is measured on: the caller's, else the local one its target names."""
     if hooks.latency_backend is not None:
         return hooks.latency_backend
-    if config.target.device is not None:
-        raise PrunePilotError(f"latency target device {config.target.device!r} is measured through the service's device agents; "
+    if target.device is not None:
+        raise PrunePilotError(f"latency target device {target.device!r} is measured through the service's device agents; "
                               "this run has none")
-    return local_backend(config.target.backend, _threads(hooks))
+    return local_backend(target.backend, _threads(hooks))
 
 
 def prepare(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: PipelineHooks) -> Prepared:
@@ -137,7 +137,7 @@ def prepare(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: P
         if hooks.latency_store is None:
             raise PrunePilotError("a latency budget (or round_to='measured') needs a latency store for its lookup table")
         batch = latency.batch_size if latency is not None else 1
-        table = LatencyTable(pruner.graph, pruner.model, hooks.latency_store, batch, _threads(hooks), backend=latency_backend(config, hooks))
+        table = LatencyTable(pruner.graph, pruner.model, hooks.latency_store, batch, _threads(hooks), backend=latency_backend(config.target, hooks))
         table.build(should_stop=hooks.should_stop)
         if latency is not None:
             table.calibrate()
@@ -181,13 +181,11 @@ def finish(pruner: Pruner, splits: DataSplits, strategy: Mapping[str, float], co
 
 
 def _final_backend(config: FinalConfig, hooks: PipelineHooks) -> LatencyBackend | None:
-    """The final figures' clock: the host's backend (a device's agent), else the target's local one;
-    None for the default target (torch eager here, the clock ``finalize`` has always used)."""
-    if hooks.latency_backend is not None:
-        return hooks.latency_backend
-    if config.target == LatencyTarget():
+    """The final figures' clock: the job's latency backend; None for the default target with no
+    backend from the host (torch eager here, the clock ``finalize`` has always used)."""
+    if hooks.latency_backend is None and config.target == LatencyTarget():
         return None
-    return local_backend(config.target.backend, _threads(hooks))
+    return latency_backend(config.target, hooks)
 
 
 def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, final: FinalResult, arch: str) -> dict[str, Any]:

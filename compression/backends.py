@@ -23,13 +23,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -37,6 +35,7 @@ from torch import nn
 
 from .errors import PrunePilotError
 from .measure import Latency, latency_from_times, measure_latency, torch_threads
+from .ort_timing import cpu_model
 
 __all__ = [
     "BACKENDS", "CudaBackend", "LatencyBackend", "LatencyTarget", "OnnxRuntimeBackend", "TorchBackend", "cpu_model",
@@ -89,16 +88,6 @@ class LatencyTarget:
 
 
 # ---------------------------------------------------------------------------------------------- torch
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_fingerprint(threads: int, batch_size: int) -> str:

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .backends import LatencyBackend
-from .backends import measure_pair as measure_pair_on
+from .backends import LatencyBackend, TorchBackend, measure_pair
 from .compute_device import GPU_EVAL_BATCH, exact_float32, inference_batch, place, resolve_device
 from .data import DataSplits, ImageSource, Normalizer
 from .evaluate import accuracy_on, recalibrate_batchnorm
 from .finetune import FinetuneConfig, StepCallback, finetune
-from .measure import count_macs, count_params, measure_pair, size_on_disk
+from .measure import count_macs, count_params, size_on_disk
 from .pruning import PrunedModel, Pruner
 
 
@@ -92,12 +91,9 @@ def paired_latency(a: nn.Module, b: nn.Module, input_size: int, batches: tuple[i
     ``backend`` (the job's latency target: ONNX Runtime, a device's agent)."""
     la: dict[int, float] = {}
     lb: dict[int, float] = {}
+    clock = backend if backend is not None else TorchBackend(threads)
     for bs in batches:
-        repeats = 60 if bs == 1 else 10
-        if backend is None:
-            ra, rb = measure_pair(a, b, input_size, bs, threads, warmup=3, repeats=repeats)
-        else:
-            ra, rb = measure_pair_on(backend, a, b, input_size, bs, threads, warmup=3, repeats=repeats)
+        ra, rb = measure_pair(clock, a, b, input_size, bs, threads, warmup=3, repeats=60 if bs == 1 else 10)
         la[bs], lb[bs] = ra.median_ms, rb.median_ms
     return la, lb
 

@@ -11,14 +11,29 @@ BatchNorm + ReLU fused), i.e. what a deployed model gets.
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 DEFAULT_PROVIDERS = ("CPUExecutionProvider",)
+
+
+def cpu_model(labels: tuple[str, ...] = ("model name",)) -> str:
+    """The CPU's name from the first /proc/cpuinfo line starting with one of ``labels`` (x86 says
+    "model name"; ARM boards say "Hardware" or "Model"), else what ``platform`` knows. Latency tables
+    are keyed by it, so the worker's backends and a device's agent read it the same way."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(labels):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 Model = tuple[bytes, tuple[int, ...]]  # ONNX bytes and the (fixed) input shape it is timed at
 

@@ -90,22 +90,13 @@ def load_timing() -> ModuleType:
     return module
 
 
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "Hardware", "Model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def fingerprint(backend: str, threads: int | None, providers: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """What keys this agent's measurements (with the device's name and the batch size): the runtime,
     its execution providers, the CPU and the thread count. Plus facts shown on the dashboard."""
     import onnxruntime as ort
 
-    fp = (f"backend={backend}|ort={ort.__version__}|providers={'+'.join(providers)}|cpu={_cpu()}"
+    cpu = load_timing().cpu_model(("model name", "Hardware", "Model"))  # ARM boards name their CPU differently
+    fp = (f"backend={backend}|ort={ort.__version__}|providers={'+'.join(providers)}|cpu={cpu}"
           f"|threads={threads or 'default'}")
     info = {"host": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
             "python": platform.python_version(), "onnxruntime": ort.__version__, "cpus": os.cpu_count()}

@@ -25,7 +25,7 @@ from .settings import Settings
 
 def worker_threads(settings: Settings) -> int:
     """The intra-op threads a worker times with (what its tables are keyed by)."""
-    return max(1, int(settings.job_cpus)) if settings.job_cpus >= 1 else 1
+    return settings.job_threads
 
 
 def stored_table(pruner: Pruner, target: LatencyTarget, batch_size: int, settings: Settings) -> tuple[LatencyTable | None, str | None]:

@@ -151,6 +151,11 @@ class Settings(BaseSettings):
         return self.uploads_root or self.data_dir / "uploads"
 
     @property
+    def job_threads(self) -> int:
+        """A job's torch intra-op threads: its reserved CPUs, at least one (what its latency tables are keyed by)."""
+        return max(1, int(self.job_cpus))
+
+    @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'prunepilot.db'}"
 

@@ -102,7 +102,7 @@ def _execute(job_id: str, me: str, problem: dict[str, Any], settings: Settings, 
     url = settings.db_url
     spec = JobCreate.model_validate(problem["spec"])
     config = spec.pipeline_config()
-    torch.set_num_threads(max(1, int(settings.job_cpus)) if settings.job_cpus >= 1 else 1)
+    torch.set_num_threads(settings.job_threads)
     device = resolve_device(settings.device)  # auto: CUDA when this task holds a GPU (Ray hides the others)
     source = job_source(spec, problem)
     session = open_session(source, None if source.carries_weights else problem["weights_path"], problem["dataset_path"], settings,
