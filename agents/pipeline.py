@@ -139,8 +139,7 @@ def prepare(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: P
         batch = latency.batch_size if latency is not None else 1
         table = LatencyTable(pruner.graph, pruner.model, hooks.latency_store, batch, _threads(hooks), backend=latency_backend(config.target, hooks))
         table.build(should_stop=hooks.should_stop)
-        if latency is not None:
-            table.calibrate()
+        table.calibrate()  # measured steps need it too: it finds the channel alignment the target rewards
     backend_name = table.backend.name if table is not None else None
     if measured_steps and table is not None and pruner.constraints.steps is None:
         lowest = pruner.constraints.lowest_vector(pruner.graph.channels)

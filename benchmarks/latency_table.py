@@ -96,9 +96,10 @@ def main() -> None:
                      "alt_quantum": alt_quantum, "median_error_ratio_alt": alt_err,
                      "max_error_ratio_alt": max(r["ratio_error_alt"] for r in rows), "strategies": rows}
         out[arch]["backend"] = args.backend
+        out[arch] |= {"alignment": table.alignment, "penalty_ms": table.penalty_ms, "fit_errors": table.calibration.get("fit_errors")}
         out[arch]["predicted_over_dense"] = sum(r["predicted_ratio"] > 1.0 + 1e-9 for r in rows)
         print(f"{arch:14s} [{args.backend}] entries {len(table.values):5d} (measured now {measured_entries}, {build_s:5.1f} s)  dense {table.dense_ms:6.2f} ms  "
-              f"median error: absolute {ms_err:6.1%}, as ratio of dense {ratio_err:6.1%} (target <= 5 %); "
+              f"alignment {table.alignment}  median error: absolute {ms_err:6.1%}, as ratio of dense {ratio_err:6.1%} (target <= 5 %); "
               f"rounded up to {alt_quantum} channels {alt_err:6.1%}", flush=True)
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"batch": args.batch, "threads": args.threads, "backend": args.backend, "max_points": args.max_points,

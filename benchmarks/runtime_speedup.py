@@ -3,9 +3,10 @@ model in PyTorch eager and in ONNX Runtime (CPU), with and without measured chan
 
 For each model and each backend (torch, onnxruntime):
 
-* the backend's latency table is built (or reused; a file store under the cache directory) and its
-  measured channel steps derived (``LatencyTable.channel_steps``: each layer's counts snapped down
-  to the efficient counts of that backend);
+* the backend's latency table is built (or reused; a file store under the cache directory) and
+  calibrated, and its measured channel steps derived (``LatencyTable.channel_steps``: each layer's
+  counts snapped down to the efficient counts of that backend, on the channel alignment the
+  calibration found);
 * two profiles at ``flops=0.5``: uniform (the least uniform pruning meeting it) and searched (the
   ``global`` agent: channels of all layers ranked on normalized importance, one threshold), each
   plain and with the backend's measured steps (``round_to="measured"``);
@@ -96,6 +97,7 @@ def main() -> None:
             start = time.perf_counter()
             measured_now = table.build()
             build_s = time.perf_counter() - start
+            table.calibrate()  # the measured steps keep the channel alignment the calibration finds
             stepped = dataclasses.replace(base, round_to="measured", steps=table.channel_steps(base.lowest_vector(pruner.graph.channels)))
             snapped_layers = int(sum(len(s) < c - lo + 1 for s, c, lo in
                                      zip(stepped.steps or (), pruner.graph.channels, base.lowest_vector(pruner.graph.channels), strict=True)))
@@ -104,7 +106,8 @@ def main() -> None:
             for profile in ("uniform", "global"):
                 row: dict[str, Any] = {"model": arch, "input_size": pruner.input_size, "backend": name, "profile": profile,
                                        "table_entries": len(table.values), "table_measured_now": measured_now, "table_build_s": build_s,
-                                       "layers_with_steps": snapped_layers}
+                                       "layers_with_steps": snapped_layers, "alignment": table.alignment,
+                                       "penalty_ms": table.penalty_ms, "table_dense_ms": table.dense_ms}
                 for tag, kept in (("plain", plain[profile]), ("steps", steps[profile])):
                     net = pruner.prune_kept(kept).model
                     dense, small = measure_pair(backend, pruner.model, net, pruner.input_size, 1, args.threads, warmup=5,
@@ -114,7 +117,7 @@ def main() -> None:
                             f"speedup_{tag}": dense.median_ms / small.median_ms, f"kept_{tag}": [int(k) for k in kept]}
                 row["steps_gain"] = row["speedup_steps"] / row["speedup_plain"] - 1.0
                 rows.append(row)
-                print(f"{arch}@{pruner.input_size} {name:11s} {profile:7s} MACs {row['macs_plain']:.1%} -> {row['speedup_plain']:.2f}x; "
+                print(f"{arch}@{pruner.input_size} {name:11s} {profile:7s} alignment {table.alignment:2d} MACs {row['macs_plain']:.1%} -> {row['speedup_plain']:.2f}x; "
                       f"with steps MACs {row['macs_steps']:.1%} -> {row['speedup_steps']:.2f}x ({row['steps_gain']:+.1%})", flush=True)
     head = f"{'model':<16} {'backend':<11} {'profile':<7} {'MACs':>6} {'speedup':>8} {'MACs st':>7} {'speedup st':>10} {'gain':>7}"
     print("\n" + head + "\n" + "-" * len(head))

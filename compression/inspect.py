@@ -22,6 +22,7 @@ from .budget import BudgetChecker, uniform_within
 from .errors import BudgetError
 from .evaluate import Fidelity, LatencyModel
 from .graph import BlockedLayer
+from .latency import LatencyTable
 from .measure import torch_threads
 from .problem import UNITS, Budget
 from .pruning import Pruner
@@ -168,6 +169,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _latency_floor(model: LatencyModel, kept: np.ndarray) -> float:
+    """The least predicted latency at the layer limits ``kept``: as they are, or (a table with a
+    channel alignment) raised to the block, which may be faster than the counts off it."""
+    floor = model.predict(kept)
+    if isinstance(model, LatencyTable):
+        floor = min(floor, model.predict(model.aligned_up(kept)))
+    return floor
+
+
 def inspect_model(pruner: Pruner, *, latency_table: LatencyModel | None = None, seconds_per_evaluation: float | None = None,
                   evaluations: int | None = None, verify: bool = True, seed: int = 0,
                   dense_latency_ms: float | None = None) -> PrunabilityReport:
@@ -201,7 +211,7 @@ def inspect_model(pruner: Pruner, *, latency_table: LatencyModel | None = None, 
         checker = BudgetChecker.analytic(graph, pruner.constraints, {Resource.FLOPS.value: 1.0}, size)
         floors.update(checker.resources(max_ratios))
         if latency_table is not None and dense_latency:
-            floors[Resource.LATENCY.value] = latency_table.predict(checker.kept(max_ratios)) / dense_latency
+            floors[Resource.LATENCY.value] = _latency_floor(latency_table, checker.kept(max_ratios)) / dense_latency
     else:
         floors = {r: 1.0 for r in ("flops", "params", "size")} | ({"latency": 1.0} if latency_table is not None else {})
 
@@ -355,7 +365,7 @@ def latency_outlook(pruner: Pruner, table: Any, budget: Budget | None = None) ->
                               tuple(float(v) for v in table.layer_curve(i, table.layer_grid(i))))
                    for i, layer in enumerate(graph.layers))
     outlook = LatencyOutlook(backend=table.backend.name, device=table.device, batch_size=int(table.batch_size), dense_ms=dense_ms,
-                             floor_speedup=dense_ms / float(table.predict(floor)), layers=curves)
+                             floor_speedup=dense_ms / _latency_floor(table, floor), layers=curves)
     if budget is None or not graph.layers:
         return outlook
     size = SizeModel.of(pruner.model, graph.dense_params)
@@ -376,7 +386,7 @@ def latency_problems(pruner: Pruner, table: Any, budget: Budget) -> list[str]:
         return []
     base = _without_steps(pruner.constraints)
     floor = base.kept_vector(pruner.graph.channels, base.max_ratios(len(pruner.graph.layers)))
-    speedup = float(table.dense_ms) / float(table.predict(floor))
+    speedup = float(table.dense_ms) / _latency_floor(table, floor)
     if speedup < MIN_SPEEDUP:
         return [f"{NO_SPEEDUP}: the latency table ({table.backend.name}, batch {table.batch_size}) predicts at most "
                 f"{speedup:.3f}x at the layer limits (under {MIN_SPEEDUP:g}x)"]

@@ -6,7 +6,8 @@ Entries are keyed by a device fingerprint (CPU model, thread count, torch versio
 signature (op, C_in, C_out, H, W, kernel, stride, groups, batch), so any model or job with the
 same layer on the same machine reuses them. A strategy's latency is predicted as the sum of its
 layers' entries (bilinear between grid points) plus the dense model's measured remainder (stem,
-pooling, residual adds, classifier), which pruning leaves unchanged.
+pooling, residual adds, classifier), which pruning leaves unchanged, plus, where the calibration
+found one, a penalty for channel counts off the runtime's alignment (:meth:`LatencyTable.refit`).
 """
 
 from __future__ import annotations
@@ -73,6 +74,15 @@ class FileLatencyStore:
 # whose whole latency range is under 1 % of the network's are left alone.
 STEP_SHARE = 0.25
 STEP_MIN_RANGE = 0.01
+
+
+# Channel alignments the calibration tries (:meth:`LatencyTable.refit`): runtimes with blocked
+# layouts (ONNX Runtime's CPU kernels here: multiples of 4) run a layer whose count is off the block
+# much slower inside the network than its own entries show. An alignment is kept only when its
+# penalty is at least MIN_PENALTY of the dense latency for a network with every layer off it and it
+# at least halves the fit's squared error.
+ALIGNMENTS = (2, 4, 8, 16)
+MIN_PENALTY = 0.02
 
 
 # Spread grid points sit on multiples of this: kernels work on channel blocks (ONNX Runtime's CPU
@@ -170,6 +180,10 @@ class LatencyTable:
         self.dense_measured_ms: float | None = None
         self.remainder_ms = 0.0
         self.scale = 1.0
+        # Calibrated: channel counts off a multiple of ``alignment`` cost ``penalty_ms`` for a network
+        # with every layer off it (a share of that per layer), on top of the entries (see refit).
+        self.alignment = 1
+        self.penalty_ms = 0.0
         self.calibration: dict[str, object] = {}
         self._calibration_points: tuple[list[np.ndarray], np.ndarray] | None = None  # kept vectors, measured ms
 
@@ -258,15 +272,16 @@ class LatencyTable:
 
     def calibrate(self, repeats: int = 40, probes: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 0,
                   rounds: int = 3) -> float:
-        """Fit ``latency = remainder + scale * sum(entries)`` to end-to-end measurements.
+        """Fit the table to end-to-end measurements (:meth:`refit`); returns the dense latency.
 
         Layers timed alone do not run at the speed they run inside the network (caches, neighbours,
-        the model's own overhead and the ops beside the convs, such as squeeze-excitation), so the
-        raw sum misjudges what pruning saves. The dense model and a few pruned variants (uniform at
-        ``probes`` and as many random profiles) are measured interleaved, in ``rounds`` separate
-        runs of about ``repeats / rounds`` runs each; each network's latency as a share of dense
-        is taken per run and its median over the runs kept, so a burst of load in one run decides
-        nothing (docs/benchmarks.md: a single run's fit swung widely on a loaded machine). See :meth:`refit` for the fit. Returns the dense latency.
+        the model's own overhead and the ops beside the convs, such as squeeze-excitation; layout
+        changes around a layer whose channels are off the runtime's block), so the raw sum misjudges
+        what pruning saves. The dense model and pruned variants (uniform at ``probes``, as many
+        random profiles, and :meth:`_alignment_probes`) are measured interleaved, in ``rounds``
+        separate runs of about ``repeats / rounds`` runs each; each network's latency as a share of
+        dense is taken per run and its median over the runs kept, so a burst of load in one run
+        decides nothing (docs/benchmarks.md: a single run's fit swung widely on a loaded machine).
         """
         from .strategy import PruningConstraints
 
@@ -274,7 +289,7 @@ class LatencyTable:
         rng = np.random.default_rng(seed)
         n = len(self.graph.layers)
         vectors = [np.zeros(n)] + [np.full(n, p) for p in probes] + [rng.uniform(0.0, 0.8, n) for _ in probes]
-        kept = [limits.kept_vector(self.graph.channels, v) for v in vectors]
+        kept = [limits.kept_vector(self.graph.channels, v) for v in vectors] + self._alignment_probes()
         models = [self.model] + [_pruned_copy(self.graph, self.model, k) for k in kept[1:]]
         per_round = max(3, -(-repeats // max(1, rounds)))
         runs = [np.array([m.median_ms for m in self.measure_models(models, warmup=5 if r == 0 else 1, repeats=per_round)])
@@ -284,15 +299,41 @@ class LatencyTable:
         self._calibration_points = (kept, shares * dense)
         return self.refit()
 
+    def _alignment_probes(self, keep: float = 0.75) -> list[np.ndarray]:
+        """Networks with every layer at about ``keep`` of its channels: once on odd counts (off every
+        alignment), then on multiples of each of :data:`ALIGNMENTS` (a layer too narrow for one
+        block stays whole). Measured with the others, they show whether counts off a block cost more."""
+        channels = self.graph.channels.astype(np.int64)
+        base = np.maximum(1, np.floor(keep * channels)).astype(np.int64)
+        odd = np.minimum(np.maximum(1, np.where(base % 2 == 0, base - 1, base)), channels)
+        out = [odd]
+        for q in ALIGNMENTS:
+            aligned = (base // q) * q
+            out.append(np.where(aligned >= q, aligned, channels))
+        return out
+
+    def misaligned(self, kept: np.ndarray, alignment: int | None = None) -> float:
+        """The share of prunable layers whose kept count is off a multiple of ``alignment`` (default:
+        the calibrated one), less the share already off it when dense (0 for the dense model)."""
+        q = self.alignment if alignment is None else alignment
+        if q <= 1 or len(self.graph.channels) == 0:
+            return 0.0
+        kept = np.asarray(kept, dtype=np.int64)
+        channels = self.graph.channels.astype(np.int64)
+        return float(np.mean((kept % q != 0).astype(np.float64) - (channels % q != 0).astype(np.float64)))
+
     def refit(self) -> float:
-        """Fit remainder and scale again to the last calibration's measurements (after changing
+        """Fit the latency model again to the last calibration's measurements (after changing
         ``quantum``, say); returns the dense latency.
 
         The fit is on shares of dense: a network whose entries sum to a fraction ``1 - x`` of the
-        dense sum measures ``1 - b * x`` of dense, ``b`` by least squares (the share of the dense
-        latency that scales with the entries), held at ``b >= 0``: measurements in which pruning
-        did not pay are fitted as no gain, never as pruned networks slower than dense. The dense
-        point is met exactly; scale and remainder follow from ``b`` and the dense latency.
+        dense sum, with a share ``m`` of its layers' counts off a multiple of the alignment
+        (:meth:`misaligned`), measures ``1 - b * x + u * m`` of dense. ``b`` (the share of the dense
+        latency that scales with the entries) and ``u`` (the cost of leaving every layer off the
+        block) come from least squares held at ``b, u >= 0``: a measurement in which pruning did not
+        pay is fitted as no gain, never as a pruned network with aligned counts slower than dense.
+        Alignment 1 (``u = 0``) unless one of :data:`ALIGNMENTS` earns its place (see there); the
+        smallest of equally good ones wins. The dense point is met exactly.
         """
         if self._calibration_points is None:
             raise PrunePilotError("latency table not calibrated: call calibrate() first")
@@ -301,13 +342,21 @@ class LatencyTable:
         dense = float(times[0])
         removed = 1.0 - sums / sums[0]  # share of the dense entry sum each network's pruning removed
         saved = 1.0 - times / dense  # share of the dense latency it saved, as measured
-        denom = float(np.dot(removed, removed))
-        share = max(0.0, float(np.dot(removed, saved)) / denom) if denom > 0 else 0.0
+        share, _, plain_error = _fit_savings(removed, saved, np.zeros_like(removed))
+        alignment, penalty, errors = 1, 0.0, {1: plain_error}
+        best_error = plain_error
+        for q in ALIGNMENTS:
+            b, u, error = _fit_savings(removed, saved, np.array([self.misaligned(k, q) for k in kept]))
+            errors[q] = error
+            if u >= MIN_PENALTY and error <= 0.5 * plain_error and error < best_error:
+                alignment, share, penalty, best_error = q, b, u, error
         self.scale = share * dense / float(sums[0])
         self.remainder_ms = (1.0 - share) * dense
+        self.alignment, self.penalty_ms = alignment, penalty * dense
         self.dense_measured_ms = dense
         self.calibration = {"measured_ms": times.tolist(), "layer_sums_ms": sums.tolist(), "scale": self.scale,
-                            "remainder_ms": self.remainder_ms}
+                            "remainder_ms": self.remainder_ms, "alignment": alignment, "penalty_ms": self.penalty_ms,
+                            "fit_errors": {str(q): e for q, e in errors.items()}}
         return self.dense_measured_ms
 
     def restore_calibration(self, calibration: Mapping[str, object], tolerance: float = 0.01) -> None:
@@ -327,6 +376,8 @@ class LatencyTable:
                                   f"this table {mine:.3f} ms); calibrate again")
         self.scale = float(cast(float, calibration["scale"]))  # numbers, as saved from self.calibration
         self.remainder_ms = float(cast(float, calibration["remainder_ms"]))
+        self.alignment = int(cast(int, calibration.get("alignment", 1)))  # absent: saved before alignments were fitted
+        self.penalty_ms = float(cast(float, calibration.get("penalty_ms", 0.0)))
         self.dense_measured_ms = self.remainder_ms + self.scale * mine
         self.calibration = dict(calibration)
 
@@ -349,7 +400,15 @@ class LatencyTable:
     def predict(self, kept: np.ndarray) -> float:
         if self.dense_measured_ms is None:
             raise PrunePilotError("latency table not calibrated: call calibrate() after building")
-        return self.remainder_ms + self.scale * self.layers_ms(self.graph.channels - np.asarray(kept))
+        return (self.remainder_ms + self.scale * self.layers_ms(self.graph.channels - np.asarray(kept))
+                + self.penalty_ms * self.misaligned(kept))
+
+    def aligned_up(self, kept: np.ndarray) -> np.ndarray:
+        """``kept`` with each count raised to the next multiple of the calibrated alignment (at most
+        the layer's channels): the nearest network that does not pay for counts off the block."""
+        q = self.alignment
+        kept = np.asarray(kept, dtype=np.int64)
+        return kept if q <= 1 else np.minimum(-(-kept // q) * q, self.graph.channels.astype(np.int64))
 
     @property
     def dense_ms(self) -> float:
@@ -397,7 +456,12 @@ class LatencyTable:
         """Predicted (calibrated) network ms with layer ``index`` at each of ``counts`` channels, others whole."""
         if self.dense_measured_ms is None:
             raise PrunePilotError("latency table not calibrated: call calibrate() after building")
-        return self.remainder_ms + self.scale * self.layer_sums(index, counts)
+        counts = np.asarray(counts, dtype=np.int64)
+        off = np.zeros(len(counts))
+        if self.alignment > 1 and len(self.graph.layers):
+            dense_off = float(int(self.graph.channels[index]) % self.alignment != 0)
+            off = ((counts % self.alignment != 0).astype(np.float64) - dense_off) / len(self.graph.layers)
+        return self.remainder_ms + self.scale * self.layer_sums(index, counts) + self.penalty_ms * off
 
     def channel_steps(self, lowest: np.ndarray | None = None, share: float = STEP_SHARE,
                       min_range: float = STEP_MIN_RANGE) -> tuple[tuple[int, ...], ...]:
@@ -413,6 +477,9 @@ class LatencyTable:
         every count is efficient (nothing is snapped). A layer whose whole range L(C) - L(lowest)
         is under ``min_range`` of the dense network's entry sum keeps every count: its steps are
         within the table's noise. ``lowest``: the fewest channels each layer may keep (default 1).
+
+        A calibrated table with an alignment q > 1 (:meth:`refit`: counts off a multiple of q cost
+        more inside the network) keeps only multiples of q and the layer's own count.
         """
         channels = self.graph.channels.astype(np.int64)
         lows = np.ones_like(channels) if lowest is None else np.asarray(lowest, dtype=np.int64)
@@ -420,23 +487,43 @@ class LatencyTable:
         steps: list[tuple[int, ...]] = []
         for i, (c_max, lo) in enumerate(zip(channels.tolist(), lows.tolist(), strict=True)):
             counts = np.arange(max(1, lo), c_max + 1)
-            if len(counts) <= 1:
-                steps.append(tuple(int(c) for c in counts))
-                continue
-            sums = self.layer_sums(i, counts)
-            span = float(sums[-1] - sums[0])
-            if span < min_range * dense_total:
-                steps.append(tuple(int(c) for c in counts))
-                continue
-            slack = share * span / (len(counts) - 1)
-            g = sums - slack * counts  # c is efficient iff g(c) < g(x) for every x > c
-            after = np.append(np.minimum.accumulate(g[::-1])[::-1][1:], np.inf)
-            steps.append(tuple(int(c) for c in counts[g < after]))
+            efficient = counts
+            if len(counts) > 1:
+                sums = self.layer_sums(i, counts)
+                span = float(sums[-1] - sums[0])
+                if span >= min_range * dense_total:
+                    slack = share * span / (len(counts) - 1)
+                    g = sums - slack * counts  # c is efficient iff g(c) < g(x) for every x > c
+                    after = np.append(np.minimum.accumulate(g[::-1])[::-1][1:], np.inf)
+                    efficient = counts[g < after]
+            if self.alignment > 1:  # c_max is always efficient (nothing larger), so this is never empty
+                efficient = efficient[(efficient % self.alignment == 0) | (efficient == c_max)]
+            steps.append(tuple(int(c) for c in efficient))
         return tuple(steps)
 
     def summary(self) -> dict[str, object]:
         return {"backend": self.backend.name, "device": self.device, "entries": len(self.values), "layers": len(self.entries), "quantum": self.quantum,
-                "dense_ms": self.dense_measured_ms, "remainder_ms": self.remainder_ms, "scale": self.scale}
+                "dense_ms": self.dense_measured_ms, "remainder_ms": self.remainder_ms, "scale": self.scale,
+                "alignment": self.alignment, "penalty_ms": self.penalty_ms}
+
+
+def _fit_savings(removed: np.ndarray, saved: np.ndarray, off: np.ndarray) -> tuple[float, float, float]:
+    """Least squares of ``saved = b * removed - u * off`` with ``b, u >= 0``: ``(b, u, squared error)``.
+    Two unknowns, so the constrained optimum is the free one when it is feasible, else the best of
+    the edges (one of them held at 0)."""
+    candidates = [(0.0, 0.0)]
+    rr, oo = float(removed @ removed), float(off @ off)
+    if rr > 0:
+        candidates.append((max(0.0, float(removed @ saved) / rr), 0.0))
+    if oo > 0:
+        candidates.append((0.0, max(0.0, -float(off @ saved) / oo)))
+    if rr > 0 and oo > 0:
+        (b, u), *_ = np.linalg.lstsq(np.stack([removed, -off], axis=1), saved, rcond=None)
+        if b >= 0 and u >= 0:
+            candidates.append((float(b), float(u)))
+    scored = [(float(np.sum((saved - b * removed + u * off) ** 2)), b, u) for b, u in candidates]
+    error, b, u = min(scored)
+    return b, u, error
 
 
 def _step_points(grid: list[int]) -> list[int]:

@@ -88,10 +88,20 @@ def time_sessions(runs: Sequence[tuple[Any, dict[str, np.ndarray]]], warmup: int
     return times
 
 
+def _sessions(models: Sequence[Model], threads: int | None, providers: Sequence[str] | None) -> list[Any]:
+    """One session per model, after a spare one that is created, run once and dropped: of sessions
+    created in a row, the first ran 2-8 % slower than identical ones for its whole life here (ResNet-56,
+    16 copies, 2 threads; docs/benchmarks.md), and the first is usually the dense reference."""
+    if models:
+        spare = onnx_session(models[0][0], threads, providers)
+        spare.run(None, _feed(spare, models[0][1]))
+    return [onnx_session(data, threads, providers) for data, _ in models]
+
+
 def time_onnx_models(models: Sequence[Model], threads: int | None, warmup: int, repeats: int,
                      providers: Sequence[str] | None = None) -> list[list[float]]:
     """Raw per-run ms of each model, all timed interleaved in one run (compare them only with each other)."""
-    sessions = [onnx_session(data, threads, providers) for data, _ in models]
+    sessions = _sessions(models, threads, providers)
     return time_sessions([(s, _feed(s, shape)) for s, (_, shape) in zip(sessions, models, strict=True)], warmup, repeats)
 
 
@@ -107,7 +117,7 @@ def time_onnx_entries(models: Sequence[Model], threads: int | None, warmup: int,
     ``rounds`` rounds over all models, each model run ``repeats`` times in a row per round (after
     ``warmup`` runs in the first round, one in later ones), the fastest round's median kept; a
     burst of load elsewhere then slows one round of many entries instead of every sample of one."""
-    sessions = [onnx_session(data, threads, providers) for data, _ in models]
+    sessions = _sessions(models, threads, providers)
     runs = [(s, _feed(s, shape)) for s, (_, shape) in zip(sessions, models, strict=True)]
     best = [float("inf")] * len(runs)
     for r in range(max(1, rounds)):

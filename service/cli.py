@@ -112,11 +112,9 @@ def _round_to(value: str | None) -> int | Literal["measured"] | None:
     return n
 
 
-def _latency_table(graph: PruningGraph, model: nn.Module, backend_name: str, batch: int, threads: int,
-                   calibrate: bool = True) -> tuple[Any, int]:
+def _latency_table(graph: PruningGraph, model: nn.Module, backend_name: str, batch: int, threads: int) -> tuple[Any, int]:
     """This machine's latency table for ``model`` on ``backend_name``, built (or reused) in the
-    service's database with a progress bar, and the entries measured now; calibrated unless
-    ``calibrate`` is False."""
+    service's database with a progress bar, and the entries measured now; calibrated."""
     from tqdm import tqdm
 
     from prunepilot.compression.backends import local_backend
@@ -132,8 +130,7 @@ def _latency_table(graph: PruningGraph, model: nn.Module, backend_name: str, bat
     todo = len(table.missing())
     with tqdm(total=todo, desc=f"measuring layers ({backend_name})", unit="entry", disable=todo == 0) as bar:
         measured = table.build(progress=lambda done, total: bar.update(done - bar.n))
-    if calibrate:
-        table.calibrate()
+    table.calibrate()
     return table, measured
 
 
@@ -143,7 +140,7 @@ def _measured_steps(pruner: Pruner, backend_name: str, threads: int) -> None:
 
     if pruner.constraints.round_to != "measured" or not pruner.layers:
         return
-    table, _ = _latency_table(pruner.graph, pruner.model, backend_name, 1, threads, calibrate=False)
+    table, _ = _latency_table(pruner.graph, pruner.model, backend_name, 1, threads)  # the steps use the calibrated alignment
     lowest = pruner.constraints.lowest_vector(pruner.graph.channels)
     pruner.constraints = dataclasses.replace(pruner.constraints, steps=table.channel_steps(lowest))
 

@@ -9,6 +9,7 @@ store's keys), asserting structure and interleaved orderings with wide margins, 
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -251,6 +252,59 @@ def test_channel_steps_snap_counts_off_a_staircase_and_leave_a_smooth_curve_alon
         assert (kept <= plain.kept_vector(pruner.graph.channels, ratios)).all() and (kept >= lowest).all()
     assert (snapped.kept_vector(pruner.graph.channels, np.full(len(pruner.layers), 0.1)) !=
             plain.kept_vector(pruner.graph.channels, np.full(len(pruner.layers), 0.1))).any()
+
+
+class BlockedClock(FakeClock):
+    """FakeClock whose *networks* pay ``penalty`` ms for every conv with an output count off a
+    multiple of 4 (a runtime that changes layout around such a layer), which entries timed alone do
+    not show: only the calibration on whole networks can find it."""
+
+    def __init__(self, penalty: float) -> None:
+        super().__init__()
+        self.penalty = penalty
+
+    def network_ms(self, model: nn.Module, input_size: int, batch_size: int = 1) -> float:
+        off = sum(m.out_channels % 4 != 0 for m in model.modules() if isinstance(m, nn.Conv2d))
+        return super().network_ms(model, input_size, batch_size) + self.penalty * off
+
+
+def test_the_calibration_finds_the_channel_alignment_networks_reward(resnet20, tmp_path: Path) -> None:
+    """Block-internal layers only, so each prunable layer is one conv's output count. On a clock
+    where a network pays 1 ms (about 1 % of it) per such count off a multiple of 4, the fit finds alignment 4 and
+    that cost (not 2, whose multiples still pay; not 8, whose off-multiples do not), predicts every
+    network to rounding error, and the measured steps keep only multiples of 4. On the same clock
+    without the penalty it keeps alignment 1 and every count."""
+    from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
+
+    pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32, PruningConstraints(exclude=RESIDUAL_ROOTS))
+    n = len(pruner.layers)
+    clock = BlockedClock(1.0)
+    table = clock_table(pruner, tmp_path / "blocked", clock)
+    table.calibrate(repeats=1)
+    assert table.alignment == 4 and table.penalty_ms == pytest.approx(1.0 * n, rel=1e-6)
+    assert table.calibration["alignment"] == 4 and float(table.calibration["fit_errors"]["4"]) < 1e-12
+    assert min(float(table.calibration["fit_errors"][q]) for q in ("1", "2", "8", "16")) > 1e-6
+    rng = np.random.default_rng(3)
+    kept_all = [pruner.kept_from_vector(rng.uniform(0.0, 0.8, n)) for _ in range(10)]
+    assert any(table.misaligned(k) > 0.5 for k in kept_all) and any((k % 4 == 0).all() for k in [table.aligned_up(k) for k in kept_all])
+    for kept in kept_all + [table.aligned_up(k) for k in kept_all]:
+        assert table.predict(kept) == pytest.approx(clock.network_ms(pruner.prune_kept(kept).model, 32), rel=1e-9)
+    lowest = pruner.constraints.lowest_vector(pruner.graph.channels)
+    for layer_steps, c, lo in zip(table.channel_steps(lowest), pruner.graph.channels, lowest, strict=True):
+        assert set(layer_steps) <= {m for m in range(int(lo), int(c) + 1) if m % 4 == 0} | {int(c)} and int(c) in layer_steps
+    curve = table.layer_curve(0, [7, 8])
+    assert curve[0] > curve[1]  # the outlook shows the off-block count slower than a wider one
+
+    saved = json.loads(json.dumps(table.calibration))
+    again = LatencyTable(pruner.graph, pruner.model, table.store, timer=clock.time_probe, measure=clock.measure)
+    again.load()
+    again.restore_calibration(saved)
+    assert again.alignment == 4 and again.predict(kept_all[0]) == pytest.approx(table.predict(kept_all[0]))
+
+    smooth = clock_table(pruner, tmp_path / "smooth", FakeClock())
+    smooth.calibrate(repeats=1)
+    assert smooth.alignment == 1 and smooth.penalty_ms == 0.0
+    assert [len(s) for s in smooth.channel_steps(lowest)] == [int(c - lo + 1) for c, lo in zip(pruner.graph.channels, lowest, strict=True)]
 
 
 def test_round_to_measured_is_validated() -> None:
