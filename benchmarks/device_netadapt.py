@@ -110,11 +110,11 @@ def main() -> None:
                     budget = round(min(0.99, rows[2]["budget"] * rows[0]["latency_share"] / rows[2]["latency_share"]), 4)
                 t0 = time.perf_counter()
                 job_id = client.submit(job_spec(agent_name, budget, args), weights)["id"]
-                print(f"{agent_name}: job {job_id} submitted", flush=True)
+                print(f"{label}: job {job_id} submitted", flush=True)
                 job = client.wait(job_id, poll_s=5.0, timeout_s=3 * 3600)
                 wall = time.perf_counter() - t0
                 if job["status"] != "succeeded":
-                    sys.exit(f"device_netadapt: {agent_name} job {job_id} {job['status']}: {job.get('error')}")
+                    sys.exit(f"device_netadapt: {label} job {job_id} {job['status']}: {job.get('error')}")
                 row = summarize(label, job, client.report(job_id), wall) | {"budget": budget}
                 rows.append(row)
                 print(f"{label:15s} test acc {row['accuracy']:.2%} (dense {row['dense_accuracy']:.2%})  latency b1 on {DEVICE} "

@@ -462,11 +462,9 @@ class LatencyTable:
         """Predicted (calibrated) network ms with layer ``index`` at each of ``counts`` channels, others whole."""
         if self.dense_measured_ms is None:
             raise PrunePilotError("latency table not calibrated: call calibrate() after building")
-        counts = np.asarray(counts, dtype=np.int64)
-        off = np.zeros(len(counts))
-        if self.alignment > 1 and len(self.graph.layers):
-            dense_off = float(int(self.graph.channels[index]) % self.alignment != 0)
-            off = ((counts % self.alignment != 0).astype(np.float64) - dense_off) / len(self.graph.layers)
+        kept = np.repeat(self.graph.channels.astype(np.int64)[None, :], len(counts), axis=0)
+        kept[:, index] = counts
+        off = np.array([self.misaligned(k) for k in kept])
         return self.remainder_ms + self.scale * self.layer_sums(index, counts) + self.penalty_ms * off
 
     def channel_steps(self, lowest: np.ndarray | None = None, share: float = STEP_SHARE,
