@@ -278,6 +278,7 @@ class LatencyTable:
         the model's own overhead and the ops beside the convs, such as squeeze-excitation; layout
         changes around a layer whose channels are off the runtime's block), so the raw sum misjudges
         what pruning saves. Pruned variants (uniform at ``probes``, as many random profiles, and
+        the same rounded onto every candidate block (:meth:`_on_every_block`), and
         :meth:`_alignment_probes`) are each timed interleaved with the dense model, in pairs, as the
         measured check times a candidate (docs/benchmarks.md: with all networks interleaved in one
         run, pruned networks measured up to a third faster relative to dense than in pairs in ONNX
@@ -291,7 +292,8 @@ class LatencyTable:
         rng = np.random.default_rng(seed)
         n = len(self.graph.layers)
         vectors = [np.zeros(n)] + [np.full(n, p) for p in probes] + [rng.uniform(0.0, 0.8, n) for _ in probes]
-        kept = [limits.kept_vector(self.graph.channels, v) for v in vectors] + self._alignment_probes()
+        kept = [limits.kept_vector(self.graph.channels, v) for v in vectors]
+        kept += [self._on_every_block(k) for k in kept[1:]] + self._alignment_probes()
         pruned = [_pruned_copy(self.graph, self.model, k) for k in kept[1:]]
         per_round = max(3, -(-repeats // max(1, rounds)))
         shares = np.ones((max(1, rounds), len(kept)))
@@ -304,6 +306,17 @@ class LatencyTable:
         dense = float(np.median(dense_ms))
         self._calibration_points = (kept, np.median(shares, axis=0) * dense)
         return self.refit()
+
+    def _on_every_block(self, kept: np.ndarray) -> np.ndarray:
+        """``kept`` rounded down to multiples of the largest of :data:`ALIGNMENTS` (at least one
+        block; a layer narrower than that stays whole): a network no candidate alignment penalizes.
+        Measured beside the same profiles off the blocks, such networks tell the entries' share of
+        the latency apart from the misalignment's; without them the fit saw aligned networks only at
+        one width and predicted them much faster than measured (docs/benchmarks.md)."""
+        q = max(ALIGNMENTS)
+        channels = self.graph.channels.astype(np.int64)
+        rounded = np.asarray(kept, dtype=np.int64) // q * q
+        return np.where(rounded >= q, rounded, np.minimum(channels, q))
 
     def _alignment_probes(self, keep: float = 0.75) -> list[np.ndarray]:
         """Networks with every layer at about ``keep`` of its channels: once on odd counts (off every
@@ -348,11 +361,11 @@ class LatencyTable:
         dense = float(times[0])
         removed = 1.0 - sums / sums[0]  # share of the dense entry sum each network's pruning removed
         saved = 1.0 - times / dense  # share of the dense latency it saved, as measured
-        share, _, plain_error = _fit_savings(removed, saved, np.zeros_like(removed))
+        (share,), plain_error = _fit_savings([removed], saved)
         alignment, penalty, errors = 1, 0.0, {1: plain_error}
         best_error = plain_error
         for q in ALIGNMENTS:
-            b, u, error = _fit_savings(removed, saved, np.array([self.misaligned(k, q) for k in kept]))
+            (b, u), error = _fit_savings([removed, -np.array([self.misaligned(k, q) for k in kept])], saved)
             errors[q] = error
             if u >= MIN_PENALTY and error <= 0.5 * plain_error and error < best_error:
                 alignment, share, penalty, best_error = q, b, u, error
@@ -479,15 +492,25 @@ class LatencyTable:
         snapping c down to the largest efficient count e below it saves more than ``share * s`` per
         channel removed (e is efficient, so L(c) > L(e) + share * s * (c - e)). On a smooth curve
         every count is efficient (nothing is snapped). A layer whose whole range L(C) - L(lowest)
-        is under ``min_range`` of the dense network's entry sum keeps every count: its steps are
-        within the table's noise. ``lowest``: the fewest channels each layer may keep (default 1).
+        is under ``min_range`` of the dense network's latency keeps every count: its steps are
+        within the table's noise. Once calibrated, that range is the calibrated one (entries times
+        the fitted scale) against the measured dense latency; before, entries against the dense
+        entry sum. (Entries of layer kernels alone can sum to much less than what the network spends
+        on them: ONNX Runtime's at CIFAR sizes, docs/benchmarks.md.) ``lowest``: the fewest channels
+        each layer may keep (default 1).
 
         A calibrated table with an alignment q > 1 (:meth:`refit`: counts off a multiple of q cost
         more inside the network) keeps only multiples of q and the layer's own count.
         """
         channels = self.graph.channels.astype(np.int64)
         lows = np.ones_like(channels) if lowest is None else np.asarray(lowest, dtype=np.int64)
-        dense_total = self.layers_ms(np.zeros(len(channels)))
+        entry_total = self.layers_ms(np.zeros(len(channels)))
+        # the least range, in entry ms, worth snapping (a calibration whose entries explain none of
+        # the latency, scale 0, leaves every layer alone)
+        if self.dense_measured_ms is None:
+            least = min_range * entry_total
+        else:
+            least = min_range * self.dense_measured_ms / self.scale if self.scale > 0 else float("inf")
         steps: list[tuple[int, ...]] = []
         for i, (c_max, lo) in enumerate(zip(channels.tolist(), lows.tolist(), strict=True)):
             counts = np.arange(max(1, lo), c_max + 1)
@@ -495,7 +518,7 @@ class LatencyTable:
             if len(counts) > 1:
                 sums = self.layer_sums(i, counts)
                 span = float(sums[-1] - sums[0])
-                if span >= min_range * dense_total:
+                if span >= least:
                     slack = share * span / (len(counts) - 1)
                     g = sums - slack * counts  # c is efficient iff g(c) < g(x) for every x > c
                     after = np.append(np.minimum.accumulate(g[::-1])[::-1][1:], np.inf)
@@ -511,23 +534,27 @@ class LatencyTable:
                 "alignment": self.alignment, "penalty_ms": self.penalty_ms}
 
 
-def _fit_savings(removed: np.ndarray, saved: np.ndarray, off: np.ndarray) -> tuple[float, float, float]:
-    """Least squares of ``saved = b * removed - u * off`` with ``b, u >= 0``: ``(b, u, squared error)``.
-    Two unknowns, so the constrained optimum is the free one when it is feasible, else the best of
-    the edges (one of them held at 0)."""
-    candidates = [(0.0, 0.0)]
-    rr, oo = float(removed @ removed), float(off @ off)
-    if rr > 0:
-        candidates.append((max(0.0, float(removed @ saved) / rr), 0.0))
-    if oo > 0:
-        candidates.append((0.0, max(0.0, -float(off @ saved) / oo)))
-    if rr > 0 and oo > 0:
-        (b, u), *_ = np.linalg.lstsq(np.stack([removed, -off], axis=1), saved, rcond=None)
-        if b >= 0 and u >= 0:
-            candidates.append((float(b), float(u)))
-    scored = [(float(np.sum((saved - b * removed + u * off) ** 2)), b, u) for b, u in candidates]
-    error, b, u = min(scored)
-    return b, u, error
+def _fit_savings(columns: Sequence[np.ndarray], saved: np.ndarray) -> tuple[list[float], float]:
+    """Least squares of ``saved = sum_j c_j * columns[j]`` with every ``c_j >= 0``: ``(c, squared
+    error)``. Few unknowns, so the constrained optimum is found exactly by trying every subset of
+    them free (the rest held at 0) and keeping the best feasible one."""
+    A = np.stack([np.asarray(c, dtype=np.float64) for c in columns], axis=1)
+    m = A.shape[1]
+    best = (float(np.sum(saved ** 2)), np.zeros(m))
+    for mask in range(1, 2 ** m):
+        free = [j for j in range(m) if mask >> j & 1]
+        sub = A[:, free]
+        if not np.any(sub):
+            continue
+        coef, *_ = np.linalg.lstsq(sub, saved, rcond=None)
+        if np.any(coef < 0):
+            continue
+        full = np.zeros(m)
+        full[free] = coef
+        error = float(np.sum((saved - A @ full) ** 2))
+        if error < best[0] - 1e-15:
+            best = (error, full)
+    return [float(c) for c in best[1]], best[0]
 
 
 def _step_points(grid: list[int]) -> list[int]:

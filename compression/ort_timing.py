@@ -11,8 +11,11 @@ BatchNorm + ReLU fused), i.e. what a deployed model gets.
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,8 +47,10 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def onnx_session(model_bytes: bytes, threads: int | None, providers: Sequence[str] | None = None) -> Any:
-    """An ``InferenceSession`` for timing; ``ValueError`` naming a provider this install lacks."""
+def onnx_session(model_bytes: bytes, threads: int | None, providers: Sequence[str] | None = None,
+                 profile_prefix: str | None = None) -> Any:
+    """An ``InferenceSession`` for timing (profiling into ``profile_prefix``* when given); ``ValueError``
+    naming a provider this install lacks."""
     import onnxruntime as ort
 
     wanted = list(providers or DEFAULT_PROVIDERS)
@@ -62,6 +67,9 @@ def onnx_session(model_bytes: bytes, threads: int | None, providers: Sequence[st
     # the session that just ran would compete with the next one's on the same cores (a spinning
     # ResNet-56 timed beside its pruned variants on 2 threads measured many times its own latency).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     return ort.InferenceSession(model_bytes, options, providers=wanted)
 
 
@@ -88,14 +96,16 @@ def time_sessions(runs: Sequence[tuple[Any, dict[str, np.ndarray]]], warmup: int
     return times
 
 
-def _sessions(models: Sequence[Model], threads: int | None, providers: Sequence[str] | None) -> list[Any]:
+def _sessions(models: Sequence[Model], threads: int | None, providers: Sequence[str] | None,
+              profile_dir: str | None = None) -> list[Any]:
     """One session per model, after a spare one that is created, run once and dropped: of sessions
     created in a row, the first ran 2-8 % slower than identical ones for its whole life here (ResNet-56,
     16 copies, 2 threads; docs/benchmarks.md), and the first is usually the dense reference."""
     if models:
         spare = onnx_session(models[0][0], threads, providers)
         spare.run(None, _feed(spare, models[0][1]))
-    return [onnx_session(data, threads, providers) for data, _ in models]
+    return [onnx_session(data, threads, providers, None if profile_dir is None else os.path.join(profile_dir, f"model{i}"))
+            for i, (data, _) in enumerate(models)]
 
 
 def time_onnx_models(models: Sequence[Model], threads: int | None, warmup: int, repeats: int,
@@ -111,17 +121,61 @@ def time_onnx(model_bytes: bytes, input_shape: tuple[int, ...], threads: int | N
     return time_onnx_models([(model_bytes, input_shape)], threads, warmup, repeats, providers)[0]
 
 
+# What an entry holds (part of every ONNX Runtime latency-table key, here and on device agents):
+# "kernels", the layer's own kernel time from ONNX Runtime's profiler. A layer run alone also pays
+# the session's per-run overhead and, where it runs in a blocked channel layout, a reorder into and
+# out of that layout; inside a network it pays neither (the calibration fits layout changes). At
+# CIFAR sizes those costs were most of a lone layer's wall time (docs/benchmarks.md), so tables of
+# wall times ("wall", before) could not see what pruning saves.
+ENTRY_METHOD = "kernels"
+LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
+
+
+def kernel_ms_per_run(events: Sequence[dict[str, Any]]) -> list[float]:
+    """Per run (ONNX Runtime profiler events of one session, in run order): the summed kernel time
+    of every node but the layout reorders, in ms. The profiler counts whole microseconds (cut off),
+    so each node adds half of one back."""
+    runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("cat") == "Session" and e.get("name") == "model_run")
+    nodes = sorted((e["ts"], e["dur"]) for e in events if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
+                   and e.get("args", {}).get("op_name") not in LAYOUT_OPS)
+    totals = [0.0] * len(runs)
+    j = 0
+    for ts, dur in nodes:
+        while j < len(runs) and ts > runs[j][1]:
+            j += 1
+        if j < len(runs) and ts >= runs[j][0]:
+            totals[j] += (dur + 0.5) / 1e3
+    return totals
+
+
 def time_onnx_entries(models: Sequence[Model], threads: int | None, warmup: int, repeats: int, rounds: int,
                       providers: Sequence[str] | None = None) -> list[float]:
-    """Median ms of each model (latency-table entries), the way the torch backend times its probes:
-    ``rounds`` rounds over all models, each model run ``repeats`` times in a row per round (after
-    ``warmup`` runs in the first round, one in later ones), the fastest round's median kept; a
-    burst of load elsewhere then slows one round of many entries instead of every sample of one."""
-    sessions = _sessions(models, threads, providers)
-    runs = [(s, _feed(s, shape)) for s, (_, shape) in zip(sessions, models, strict=True)]
-    best = [float("inf")] * len(runs)
-    for r in range(max(1, rounds)):
-        for i, (session, feed) in enumerate(runs):
-            ts = time_sessions([(session, feed)], warmup if r == 0 else 1, max(1, repeats))[0]
-            best[i] = min(best[i], statistics.median(ts))
+    """Median kernel ms of each model (latency-table entries; see :data:`ENTRY_METHOD`): ``rounds``
+    rounds over all models, each model run ``repeats`` times in a row per round (after ``warmup``
+    runs in the first round, one in later ones), the fastest round's median kept; a burst of load
+    elsewhere then slows one round of many entries instead of every sample of one."""
+    with tempfile.TemporaryDirectory(prefix="prunepilot-ort-profile-") as tmp:
+        sessions = _sessions(models, threads, providers, profile_dir=tmp)
+        feeds = [_feed(s, shape) for s, (_, shape) in zip(sessions, models, strict=True)]
+        counts: list[list[tuple[int, int]]] = [[] for _ in models]  # per round: (runs skipped, runs kept)
+        for r in range(max(1, rounds)):
+            for i, (session, feed) in enumerate(zip(sessions, feeds, strict=True)):
+                skip = warmup if r == 0 else 1
+                for _ in range(skip + max(1, repeats)):
+                    session.run(None, feed)
+                counts[i].append((skip, max(1, repeats)))
+        best = []
+        for session, plan in zip(sessions, counts, strict=True):
+            path = session.end_profiling()
+            with open(path) as f:
+                per_run = kernel_ms_per_run(json.load(f))
+            medians, at = [], 0
+            for skip, keep in plan:
+                kept = per_run[at + skip: at + skip + keep]
+                at += skip + keep
+                if kept:
+                    medians.append(statistics.median(kept))
+            if not medians:
+                raise RuntimeError("ONNX Runtime's profiler recorded no runs")
+            best.append(min(medians))
     return best

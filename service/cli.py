@@ -442,7 +442,8 @@ def latency_build(
     table, todo = _latency_table(PruningGraph(m.dense, m.size), m.dense, latency_backend, batch, settings.threads)
     info = table.summary()
     console.print(f"{arch}: {info['entries']} entries on {info['device']} ({todo} measured now); dense {info['dense_ms']:.2f} ms "
-                  f"= {info['remainder_ms']:.2f} ms fixed + {info['scale']:.2f} x layer entries")
+                  f"= {info['remainder_ms']:.2f} ms fixed + {info['scale']:.2f} x layer entries"
+                  + (f" (+ {info['penalty_ms']:.2f} ms with every layer off multiples of {info['alignment']})" if info["alignment"] != 1 else ""))
 
 
 keys_app = typer.Typer(help="API keys (bearer tokens).", no_args_is_help=True)

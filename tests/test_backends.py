@@ -129,6 +129,30 @@ def test_onnxruntime_backend_times_entries_and_networks_in_order() -> None:
     assert isinstance(dense, Latency) and dense.repeats == mine.repeats == 5 and dense.batch_size == 1
 
 
+def test_onnxruntime_entries_are_a_layers_own_kernels_without_layout_reorders() -> None:
+    """From the profiler's events, per run: the kernels inside that run, the reorders into and out
+    of the blocked layout left out, half a microsecond added back per node (it counts whole ones).
+    On real ONNX Runtime the entry is positive and under the same probe's wall time (the session's
+    own overhead is left out too), and the fingerprint says what an entry holds."""
+    from prunepilot.compression.ort_timing import ENTRY_METHOD, kernel_ms_per_run, time_onnx, time_onnx_entries
+
+    def node(op: str, ts: int, dur: int) -> dict:
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 100}, node("ReorderInput", 5, 3), node("Conv", 10, 20),
+              node("ReorderOutput", 40, 4), {"cat": "Session", "name": "model_run", "ts": 200, "dur": 100}, node("FusedConv", 210, 30),
+              node("Relu", 250, 2), node("Conv", 400, 50)]
+    assert kernel_ms_per_run(events) == pytest.approx([0.0205, 0.0330])
+
+    probe = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()).eval()
+    x = torch.randn(1, 16, 8, 8)
+    data = onnx_bytes(probe, x)
+    (kernels,) = time_onnx_entries([(data, tuple(x.shape))], 1, warmup=3, repeats=20, rounds=2)
+    wall = float(np.median(time_onnx(data, tuple(x.shape), 1, warmup=3, repeats=40)))
+    assert 0 < kernels < wall, (kernels, wall)
+    assert OnnxRuntimeBackend(1).fingerprint(1, 1).endswith(f"|entries={ENTRY_METHOD}")
+
+
 def test_an_onnxruntime_table_is_stored_under_its_own_key(tmp_path: Path) -> None:
     """Entries timed in ONNX Runtime are keyed by its fingerprint: reused by the next ONNX Runtime
     table, never by a torch table of the same layers (which has them all still to measure)."""
@@ -336,6 +360,33 @@ def test_the_calibration_times_each_network_in_a_pair_with_dense_as_the_check_do
         kept = pruner.kept_from_vector(rng.uniform(0.0, 0.8, len(pruner.layers)))
         dense, mine = clock.measure([pruner.model, pruner.prune_kept(kept).model], 32)
         assert table.predict(kept) / table.dense_ms == pytest.approx(mine.median_ms / dense.median_ms, rel=1e-9)
+
+
+class RecordingClock(FakeClock):
+    """FakeClock that records the output widths of every network it measures."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widths: set[tuple[int, ...]] = set()
+
+    def network_ms(self, model: nn.Module, input_size: int, batch_size: int = 1) -> float:
+        self.widths.add(tuple(m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)))
+        return super().network_ms(model, input_size, batch_size)
+
+
+def test_the_calibration_also_times_its_profiles_on_every_candidate_block(resnet20, tmp_path: Path) -> None:
+    """Besides networks off the blocks and one width on each block, the calibration times its
+    uniform and random profiles rounded onto multiples of the largest candidate alignment (16), so
+    the fit sees aligned networks at several widths: one per profile, none of them dense."""
+    from prunepilot.compression.latency import ALIGNMENTS
+
+    pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32, PruningConstraints())
+    clock = RecordingClock()
+    clock_table(pruner, tmp_path / "rec", clock).calibrate(repeats=1, probes=(0.3, 0.5, 0.7))
+    dense = tuple(m.out_channels for m in pruner.model.modules() if isinstance(m, nn.Conv2d))
+    q = max(ALIGNMENTS)
+    on_blocks = {w for w in clock.widths if w != dense and all(c % q == 0 or c == d < q for c, d in zip(w, dense, strict=True))}
+    assert len(on_blocks) >= 5, sorted(on_blocks)  # 3 uniform + 3 random profiles, rounded (two may coincide)
 
 
 def test_round_to_measured_is_validated() -> None:
