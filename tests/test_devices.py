@@ -1,6 +1,6 @@
 """Devices and their agents, in-process (TestClient, real SQLite, real ONNX Runtime): key scopes, the
 lease protocol, and the remote latency backend timing through an agent. The whole loop through a
-real server and an agent process is tests/test_device_agent.py."""
+real server and agent processes is in tests/test_api.py."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -120,6 +121,14 @@ def _probe(c_in: int, c_out: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)).eval()
 
 
+def settled(condition: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Wait until ``condition`` holds: a backend sees a result once the service has recorded it, the
+    agent counts it when the service's answer reaches it, a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def test_the_remote_backend_times_through_an_agent_and_never_twice(api, board: str) -> None:
     """Real ONNX Runtime in a real agent (in a thread, through the app): entries and networks are
     timed by the agent; an entry once recorded is answered from SQL, never measured again."""
@@ -135,10 +144,12 @@ def test_the_remote_backend_times_through_an_agent_and_never_twice(api, board: s
         probes = [(_probe(4, 8), x), (_probe(4, 8), x), (_probe(4, 16), x)]  # the first two: one entry (weights differ)
         ms = backend.time_entries(probes, warmup=1, repeats=3, rounds=2)
         assert len(ms) == 3 and all(m > 0 for m in ms) and ms[0] == ms[1]
+        settled(lambda: agent.counters.entries_timed >= 2)
         assert agent.counters.entries_timed == 2
         assert backend.time_entries([(_probe(4, 16), x)], warmup=1, repeats=3, rounds=2) == [ms[2]]  # from SQL
         nets = backend.measure([_probe(3, 8), _probe(3, 4)], input_size=8, batch_size=2, threads=None, warmup=1, repeats=4)
         assert [n.repeats for n in nets] == [4, 4] and all(n.median_ms > 0 for n in nets)
+        settled(lambda: agent.counters.networks_timed >= 1)
         assert (agent.counters.entries_timed, agent.counters.networks_timed, agent.counters.rejected) == (2, 1, 0)
         assert any(p and p.startswith("measuring latency-table entries on device board") for p in phases) and phases[-1] is None
     finally:
