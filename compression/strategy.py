@@ -87,13 +87,17 @@ class PruningConstraints:
         return np.minimum(channels, np.maximum(self.min_channels, np.ceil((1.0 - limit) * channels - 1e-9).astype(np.int64)))
 
     def _snap(self, index: int, keep: int) -> int:
-        """The largest efficient count of layer ``index`` at or below ``keep`` (``keep`` if none)."""
+        """The largest efficient count of layer ``index`` at or below ``keep``; below the smallest, the
+        smallest: a count under every step would run off the runtime's channel block (the steps of
+        a table with an alignment are its multiples), which can cost more than the channels saved."""
         assert self.steps is not None
         if index >= len(self.steps):
             raise StrategyError(f"channel steps cover {len(self.steps)} layers, not layer {index}")
         efficient = self.steps[index]
+        if not efficient:
+            return keep
         j = bisect.bisect_right(efficient, keep)
-        return efficient[j - 1] if j > 0 else keep
+        return efficient[j - 1] if j > 0 else efficient[0]
 
     def kept(self, channels: int, ratio: float, index: int) -> int:
         """Channels kept when ``ratio`` of ``channels`` is removed from layer ``index``."""

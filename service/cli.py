@@ -46,7 +46,7 @@ InputSizeOpt = Annotated[int | None, typer.Option(help="input resolution in pixe
 LatencyBackendOpt = Annotated[str, typer.Option("--latency-backend", help="where latency is measured: torch (PyTorch eager on "
                                                  "this CPU), onnxruntime (ONNX Runtime, CPU execution provider) or cuda")]
 RoundToOpt = Annotated[str | None, typer.Option(help="round kept channels to a multiple (an integer), or 'measured': down to the "
-                                                "latency table's efficient counts (builds the table for --latency-backend)")]
+                                                "latency table's efficient counts, up to the smallest from below them (builds the table for --latency-backend)")]
 MeanOpt = Annotated[str | None, typer.Option(help="input normalization mean R,G,B on a 0-1 scale (default: the model's own, else ImageNet's)")]
 StdOpt = Annotated[str | None, typer.Option(help="input normalization std R,G,B (default: as --mean)")]
 

@@ -70,7 +70,8 @@ class ConstraintsSpec(BaseModel):
     first_layer_max_ratio: float = Field(default=_CONSTRAINTS.first_layer_max_ratio, ge=0, lt=1)
     round_to: Annotated[int, Field(ge=1)] | Literal["measured"] | None = Field(
         default=_CONSTRAINTS.round_to, description="round kept channel counts: to a multiple of this integer, or 'measured': down to the latency "
-                                  "table's efficient counts on the job's target (builds that table even for a flops budget)")
+                                  "table's efficient counts on the job's target, up to the smallest from below them "
+                                  "(builds that table even for a flops budget)")
     exclude: list[str] = Field(
         default_factory=list, max_length=1000,
         description="layers to leave whole, named by any conv/linear of their channel group (as `prunepilot profile` lists them)",

@@ -263,17 +263,19 @@ def test_channel_steps_snap_counts_off_a_staircase_and_leave_a_smooth_curve_alon
     curve = table.layer_sums(i, list(range(int(lowest[i]), 65)))
     for c in range(int(lowest[i]), 65):
         s = snapped._snap(i, c)
-        assert s <= c and (s == c) == (c in efficient or c < efficient[0])  # nothing efficient below: kept
-        assert curve[s - lowest[i]] <= curve[c - lowest[i]] + 1e-12  # never slower
-        if s != c:  # a snap saves more than a quarter of the layer's average cost per channel removed
+        assert (s == c) == (c in efficient)
+        assert s <= c if c >= efficient[0] else s == efficient[0]  # under every step: up to the smallest
+        assert curve[s - lowest[i]] <= curve[c - lowest[i]] + 1e-12  # never slower (up: the same block)
+        if s < c:  # a snap down saves more than a quarter of the layer's average cost per channel removed
             slope = (curve[-1] - curve[0]) / (len(curve) - 1)
             assert curve[c - lowest[i]] - curve[s - lowest[i]] > 0.25 * slope * (c - s)
     rng = np.random.default_rng(1)
-    for _ in range(50):  # vector and scalar paths agree; snapping only removes channels
+    smallest = np.array([layer_steps[0] for layer_steps in steps])
+    for _ in range(50):  # vector and scalar paths agree; snapping removes channels, except up to the smallest step
         ratios = rng.uniform(0.0, 0.8, len(pruner.layers))
         kept = snapped.kept_vector(pruner.graph.channels, ratios)
         assert [snapped.kept(int(c), float(r), j) for j, (c, r) in enumerate(zip(pruner.graph.channels, ratios, strict=True))] == kept.tolist()
-        assert (kept <= plain.kept_vector(pruner.graph.channels, ratios)).all() and (kept >= lowest).all()
+        assert (kept <= np.maximum(plain.kept_vector(pruner.graph.channels, ratios), smallest)).all() and (kept >= lowest).all()
     assert (snapped.kept_vector(pruner.graph.channels, np.full(len(pruner.layers), 0.1)) !=
             plain.kept_vector(pruner.graph.channels, np.full(len(pruner.layers), 0.1))).any()
 
@@ -397,6 +399,17 @@ def test_round_to_measured_is_validated() -> None:
     unset = PruningConstraints(round_to="measured")  # no table yet: counts are not snapped
     assert unset.kept_vector(np.array([16, 32]), np.array([0.3, 0.3])).tolist() == PruningConstraints().kept_vector(
         np.array([16, 32]), np.array([0.3, 0.3])).tolist()
+
+
+def test_measured_steps_snap_down_and_below_the_smallest_step_up() -> None:
+    """A count between steps goes down to the step under it; a count under every step goes up to
+    the smallest (a count off every step would run off the runtime's block), never under the layer's
+    lowest count; kept_vector and kept agree."""
+    steps = PruningConstraints(round_to="measured", steps=((16, 32), (8, 16, 24, 32)))
+    channels = np.array([32, 32])
+    for ratios, kept in (([0.4, 0.4], [16, 16]), ([0.7, 0.7], [16, 8]), ([0.0, 0.2], [32, 24]), ([0.8, 0.9], [16, 8])):
+        assert steps.kept_vector(channels, np.array(ratios)).tolist() == kept, ratios
+        assert [steps.kept(32, r, i) for i, r in enumerate(ratios)] == kept, ratios
 
 
 # ---------------------------------------------------------------------------------------------- the outlook
