@@ -209,11 +209,11 @@ class OnnxRuntimeBackend:
         self.version = ort.__version__
 
     def fingerprint(self, threads: int, batch_size: int) -> str:
-        from .ort_timing import ENTRY_METHOD
+        from .ort_timing import entry_method
 
         providers = "+".join(self.providers)
         return (f"backend=onnxruntime|ort={self.version}|providers={providers}|cpu={cpu_model()}|threads={threads}|batch={batch_size}"
-                f"|entries={ENTRY_METHOD}")
+                f"|entries={entry_method(self.providers)}")
 
     def time_entries(self, probes: Sequence[Probe], warmup: int, repeats: int, rounds: int) -> list[float]:
         from .ort_timing import time_onnx_entries

@@ -121,14 +121,22 @@ def time_onnx(model_bytes: bytes, input_shape: tuple[int, ...], threads: int | N
     return time_onnx_models([(model_bytes, input_shape)], threads, warmup, repeats, providers)[0]
 
 
-# What an entry holds (part of every ONNX Runtime latency-table key, here and on device agents):
-# "kernels", the layer's own kernel time from ONNX Runtime's profiler. A layer run alone also pays
-# the session's per-run overhead and, where it runs in a blocked channel layout, a reorder into and
-# out of that layout; inside a network it pays neither (the calibration fits layout changes). At
-# CIFAR sizes those costs were most of a lone layer's wall time (docs/benchmarks.md), so tables of
-# wall times ("wall", before) could not see what pruning saves.
+# What an entry holds (part of every ONNX Runtime latency-table key, here and on device agents).
+# On the CPU execution provider, "kernels": the layer's own kernel time from ONNX Runtime's
+# profiler. A layer run alone also pays the session's per-run overhead and, where it runs in a
+# blocked channel layout, a reorder into and out of that layout; inside a network it pays neither
+# (the calibration fits layout changes). At CIFAR sizes those costs were most of a lone layer's
+# wall time (docs/benchmarks.md), so tables of wall times could not see what pruning saves. Other
+# providers launch kernels asynchronously, so the profiler's host-side node times are not their
+# run time: there an entry stays the probe's wall time ("wall").
 ENTRY_METHOD = "kernels"
+WALL_METHOD = "wall"
 LAYOUT_OPS = frozenset({"ReorderInput", "ReorderOutput"})
+
+
+def entry_method(providers: Sequence[str] | None = None) -> str:
+    """What :func:`time_onnx_entries` measures on ``providers`` (default: the CPU provider)."""
+    return ENTRY_METHOD if list(providers or DEFAULT_PROVIDERS) == ["CPUExecutionProvider"] else WALL_METHOD
 
 
 def kernel_ms_per_run(events: Sequence[dict[str, Any]]) -> list[float]:
@@ -150,10 +158,18 @@ def kernel_ms_per_run(events: Sequence[dict[str, Any]]) -> list[float]:
 
 def time_onnx_entries(models: Sequence[Model], threads: int | None, warmup: int, repeats: int, rounds: int,
                       providers: Sequence[str] | None = None) -> list[float]:
-    """Median kernel ms of each model (latency-table entries; see :data:`ENTRY_METHOD`): ``rounds``
-    rounds over all models, each model run ``repeats`` times in a row per round (after ``warmup``
-    runs in the first round, one in later ones), the fastest round's median kept; a burst of load
-    elsewhere then slows one round of many entries instead of every sample of one."""
+    """Median ms of each model (latency-table entries: kernel or wall time, :func:`entry_method`):
+    ``rounds`` rounds over all models, each model run ``repeats`` times in a row per round (after
+    ``warmup`` runs in the first round, one in later ones), the fastest round's median kept; a
+    burst of load elsewhere then slows one round of many entries instead of every sample of one."""
+    if entry_method(providers) == WALL_METHOD:
+        sessions = _sessions(models, threads, providers)
+        best = [float("inf")] * len(models)
+        for r in range(max(1, rounds)):
+            for i, (session, (_, shape)) in enumerate(zip(sessions, models, strict=True)):
+                ts = time_sessions([(session, _feed(session, shape))], warmup if r == 0 else 1, max(1, repeats))[0]
+                best[i] = min(best[i], statistics.median(ts))
+        return best
     with tempfile.TemporaryDirectory(prefix="prunepilot-ort-profile-") as tmp:
         sessions = _sessions(models, threads, providers, profile_dir=tmp)
         feeds = [_feed(s, shape) for s, (_, shape) in zip(sessions, models, strict=True)]

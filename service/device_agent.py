@@ -92,14 +92,14 @@ def load_timing() -> ModuleType:
 
 def fingerprint(backend: str, threads: int | None, providers: Sequence[str]) -> tuple[str, dict[str, Any]]:
     """What keys this agent's measurements (with the device's name and the batch size): the runtime,
-    its execution providers, the CPU, the thread count and what an entry holds (``ENTRY_METHOD``).
+    its execution providers, the CPU, the thread count and what an entry holds (``entry_method``).
     Plus facts shown on the dashboard."""
     import onnxruntime as ort
 
     timing = load_timing()
     cpu = timing.cpu_model(("model name", "Hardware", "Model"))  # ARM boards name their CPU differently
     fp = (f"backend={backend}|ort={ort.__version__}|providers={'+'.join(providers)}|cpu={cpu}"
-          f"|threads={threads or 'default'}|entries={timing.ENTRY_METHOD}")
+          f"|threads={threads or 'default'}|entries={timing.entry_method(providers)}")
     info = {"host": socket.gethostname(), "machine": platform.machine(), "system": platform.system(),
             "python": platform.python_version(), "onnxruntime": ort.__version__, "cpus": os.cpu_count()}
     return fp, info

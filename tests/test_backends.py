@@ -134,7 +134,14 @@ def test_onnxruntime_entries_are_a_layers_own_kernels_without_layout_reorders() 
     of the blocked layout left out, half a microsecond added back per node (it counts whole ones).
     On real ONNX Runtime the entry is positive and under the same probe's wall time (the session's
     own overhead is left out too), and the fingerprint says what an entry holds."""
-    from prunepilot.compression.ort_timing import ENTRY_METHOD, kernel_ms_per_run, time_onnx, time_onnx_entries
+    from prunepilot.compression.ort_timing import (
+        ENTRY_METHOD,
+        WALL_METHOD,
+        entry_method,
+        kernel_ms_per_run,
+        time_onnx,
+        time_onnx_entries,
+    )
 
     def node(op: str, ts: int, dur: int) -> dict:
         return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
@@ -151,6 +158,9 @@ def test_onnxruntime_entries_are_a_layers_own_kernels_without_layout_reorders() 
     wall = float(np.median(time_onnx(data, tuple(x.shape), 1, warmup=3, repeats=40)))
     assert 0 < kernels < wall, (kernels, wall)
     assert OnnxRuntimeBackend(1).fingerprint(1, 1).endswith(f"|entries={ENTRY_METHOD}")
+    # providers that launch kernels asynchronously keep wall-time entries (the profiler's node times
+    # there are host-side), under their own key
+    assert entry_method(["CUDAExecutionProvider", "CPUExecutionProvider"]) == WALL_METHOD != ENTRY_METHOD == entry_method(None)
 
 
 def test_an_onnxruntime_table_is_stored_under_its_own_key(tmp_path: Path) -> None:
