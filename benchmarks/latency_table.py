@@ -29,7 +29,7 @@ import torch
 from prunepilot.compression import Pruner, PruningConstraints, build_model, load_model
 from prunepilot.compression.backends import local_backend, measure_pair
 from prunepilot.compression.cifar_resnet import CIFAR_RESNET_DEPTHS, RESIDUAL_ROOTS
-from prunepilot.compression.latency import FileLatencyStore, LatencyTable
+from prunepilot.compression.latency import FileLatencyStore, LatencyTable, on_block
 from prunepilot.service.settings import get_settings
 
 RESULTS = Path(__file__).parent / "results" / "latency_table.json"
@@ -74,8 +74,7 @@ def main() -> None:
         rng = np.random.default_rng(0)
         rows = []
         profiles = [pruner.kept_from_vector(rng.uniform(0.0, 0.8, len(pruner.layers))) for _ in range(args.strategies)]
-        channels = pruner.graph.channels.astype(np.int64)
-        aligned = [np.where(k // 8 * 8 >= 8, k // 8 * 8, np.minimum(channels, 8)) for k in np.asarray(profiles[:args.aligned], dtype=np.int64)]
+        aligned = [on_block(k, pruner.graph.channels, 8) for k in profiles[:args.aligned]]
         for kind, kept in [("random", k) for k in profiles] + [("aligned", k) for k in aligned]:
             pruned = pruner.prune_kept(kept).model
             # three interleaved rounds, median ratio: the machine's speed drifts over minutes

@@ -28,7 +28,7 @@ from .errors import PrunePilotError
 from .graph import PruningGraph
 from .measure import Latency
 
-__all__ = ["FileLatencyStore", "LatencyStore", "LatencyTable", "channel_grid", "cpu_model", "device_fingerprint", "signature"]
+__all__ = ["FileLatencyStore", "LatencyStore", "LatencyTable", "channel_grid", "on_block", "cpu_model", "device_fingerprint", "signature"]
 
 
 def signature(op: str, c_in: int, c_out: int, h: int, w: int, kernel: int, stride: int, padding: int, groups: int,
@@ -313,10 +313,7 @@ class LatencyTable:
         Measured beside the same profiles off the blocks, such networks tell the entries' share of
         the latency apart from the misalignment's; without them the fit saw aligned networks only at
         one width and predicted them much faster than measured (docs/benchmarks.md)."""
-        q = max(ALIGNMENTS)
-        channels = self.graph.channels.astype(np.int64)
-        rounded = np.asarray(kept, dtype=np.int64) // q * q
-        return np.where(rounded >= q, rounded, np.minimum(channels, q))
+        return on_block(kept, self.graph.channels, max(ALIGNMENTS))
 
     def _alignment_probes(self, keep: float = 0.75) -> list[np.ndarray]:
         """Networks with every layer at about ``keep`` of its channels: once on odd counts (off every
@@ -532,6 +529,13 @@ class LatencyTable:
         return {"backend": self.backend.name, "device": self.device, "entries": len(self.values), "layers": len(self.entries), "quantum": self.quantum,
                 "dense_ms": self.dense_measured_ms, "remainder_ms": self.remainder_ms, "scale": self.scale,
                 "alignment": self.alignment, "penalty_ms": self.penalty_ms}
+
+
+def on_block(kept: np.ndarray, channels: np.ndarray, q: int) -> np.ndarray:
+    """Each count of ``kept`` rounded down to a multiple of ``q``, at least ``q`` (or the layer's own
+    count where it has fewer channels)."""
+    rounded = np.asarray(kept, dtype=np.int64) // q * q
+    return np.where(rounded >= q, rounded, np.minimum(np.asarray(channels, dtype=np.int64), q))
 
 
 def _fit_savings(columns: Sequence[np.ndarray], saved: np.ndarray) -> tuple[list[float], float]:

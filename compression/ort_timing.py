@@ -11,6 +11,7 @@ BatchNorm + ReLU fused), i.e. what a deployed model gets.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -162,14 +163,31 @@ def time_onnx_entries(models: Sequence[Model], threads: int | None, warmup: int,
     ``rounds`` rounds over all models, each model run ``repeats`` times in a row per round (after
     ``warmup`` runs in the first round, one in later ones), the fastest round's median kept; a
     burst of load elsewhere then slows one round of many entries instead of every sample of one."""
-    if entry_method(providers) == WALL_METHOD:
-        sessions = _sessions(models, threads, providers)
-        best = [float("inf")] * len(models)
-        for r in range(max(1, rounds)):
-            for i, (session, (_, shape)) in enumerate(zip(sessions, models, strict=True)):
-                ts = time_sessions([(session, _feed(session, shape))], warmup if r == 0 else 1, max(1, repeats))[0]
-                best[i] = min(best[i], statistics.median(ts))
-        return best
+    plan = [(warmup if r == 0 else 1, max(1, repeats)) for r in range(max(1, rounds))]  # (runs skipped, runs kept)
+    profiled = entry_method(providers) == ENTRY_METHOD
+    with tempfile.TemporaryDirectory(prefix="prunepilot-ort-profile-") if profiled else contextlib.nullcontext(None) as tmp:
+        sessions = _sessions(models, threads, providers, profile_dir=tmp)
+        feeds = [_feed(s, shape) for s, (_, shape) in zip(sessions, models, strict=True)]
+        walls: list[list[list[float]]] = [[] for _ in models]  # per model, per round: the kept runs' wall ms
+        for skip, keep in plan:
+            for i, (session, feed) in enumerate(zip(sessions, feeds, strict=True)):
+                walls[i].append(time_sessions([(session, feed)], skip, keep)[0])
+        if not profiled:
+            return [min(statistics.median(ts) for ts in rounds_ms) for rounds_ms in walls]
+        best = []
+        for session in sessions:
+            with open(session.end_profiling()) as f:
+                per_run = kernel_ms_per_run(json.load(f))
+            medians, at = [], 0
+            for skip, keep in plan:  # the profiler saw every run, skipped ones too, in order
+                kept = per_run[at + skip: at + skip + keep]
+                at += skip + keep
+                if kept:
+                    medians.append(statistics.median(kept))
+            if not medians:
+                raise RuntimeError("ONNX Runtime's profiler recorded no runs")
+            best.append(min(medians))
+    return best
     with tempfile.TemporaryDirectory(prefix="prunepilot-ort-profile-") as tmp:
         sessions = _sessions(models, threads, providers, profile_dir=tmp)
         feeds = [_feed(s, shape) for s, (_, shape) in zip(sessions, models, strict=True)]
