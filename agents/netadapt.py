@@ -4,7 +4,8 @@ Each iteration asks for a resource reduction that shrinks as the search goes (``
 of the dense model's resource, times ``decay`` per iteration; reference defaults 0.025 and 0.96).
 For every prunable layer one proposal removes just enough filters from that layer alone to meet
 the iteration's target, found through the latency lookup table (or the analytic FLOPs / params /
-size model), choosing the filters with the smallest L2 norm in the *current* network. Each
+size model) among the counts the job's constraints allow (``round_to``, measured channel steps),
+choosing the filters with the smallest L2 norm in the *current* network. Each
 proposal is fine-tuned briefly (``short_steps`` SGD steps) and scored on the validation split;
 the best one becomes the current network, fine-tuned weights included. The loop stops when the
 budget is met; the long fine-tune happens in the job's final phase.
@@ -25,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -97,6 +99,29 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
         acc = accuracy_on(net, data.val, data.normalizer, inference_batch(device, 128))
     weights = {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
     return acc, weights, pruned.spec.to_dict(), time.perf_counter() - t0
+
+
+SCAN_COUNTS = 64  # up to this many candidate counts are tried one by one; more are bisected
+
+
+def _largest_within(counts: list[int], value: Callable[[int], float], target: float) -> int | None:
+    """The largest of ``counts`` (ascending) whose ``value`` is at or under ``target``; None if none is.
+
+    A predicted latency need not fall with every channel removed (a count off the runtime's block
+    costs more than the block under it), so a few candidates (measured steps, rounding) are tried
+    from the top down. Long lists (every count) are bisected, which takes the value as monotone; a
+    table with an alignment penalty is then steered through ``round_to="measured"``."""
+    if value(counts[0]) > target:
+        return None  # this layer alone cannot meet the target
+    if len(counts) <= SCAN_COUNTS:
+        return next(c for c in reversed(counts) if value(c) <= target)
+    lo, hi = 0, len(counts) - 1  # value(counts[lo]) <= target; find the largest such index
+    if value(counts[hi]) <= target:
+        return counts[hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if value(counts[mid]) <= target else (lo, mid)
+    return counts[lo]
 
 
 class NetAdaptAgent(Agent):
@@ -230,26 +255,25 @@ class NetAdaptAgent(Agent):
         return best
 
     def _proposals(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str, target: float) -> list[_Proposal]:
+        """Per layer, the most channels it can keep (among the counts its constraints allow: rounding,
+        measured steps) with the resource at or under ``target``, the other layers as they are."""
         props = []
+        constraints = ctx.pruner.constraints
         for i in range(len(kept)):
-            room = int(kept[i] - min_kept[i])
-            if room <= 0:
+            below = [c for c in constraints.allowed_counts(int(ctx.channels[i]), i) if min_kept[i] <= c < kept[i]]
+            if not below:
                 continue
 
-            def value(n: int, i: int = i) -> float:
+            def value(c: int, i: int = i) -> float:
                 k = kept.copy()
-                k[i] -= n
+                k[i] = c
                 return ctx.costs(k)[resource]
 
-            if value(room) > target:
-                continue  # this layer alone cannot meet the target
-            lo, hi = 0, room  # smallest n with value(n) <= target (monotone in n)
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                lo, hi = (lo, mid) if value(mid) <= target else (mid, hi)
-            k = kept.copy()
-            k[i] -= hi
-            props.append(_Proposal(i, [int(x) for x in k]))
+            count = _largest_within(below, value, target)
+            if count is not None:
+                k = kept.copy()
+                k[i] = count
+                props.append(_Proposal(i, [int(x) for x in k]))
         return props
 
     def _within_cap(self, ctx: SearchContext, kept: np.ndarray, props: list[_Proposal]) -> list[_Proposal]:

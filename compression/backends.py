@@ -38,11 +38,12 @@ from .measure import Latency, latency_from_times, measure_latency, torch_threads
 from .ort_timing import cpu_model
 
 __all__ = [
-    "BACKENDS", "CudaBackend", "LatencyBackend", "LatencyTarget", "OnnxRuntimeBackend", "TorchBackend", "cpu_model",
+    "BACKENDS", "DEVICE_BACKENDS", "CudaBackend", "LatencyBackend", "LatencyTarget", "OnnxRuntimeBackend", "TorchBackend", "cpu_model",
     "device_fingerprint", "local_backend", "measure_pair", "onnx_bytes", "time_onnx",
 ]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")  # the local ones; a remote device is "remote"
+DEVICE_BACKENDS = ("onnxruntime",)  # what a device agent times with (`prunepilot device-agent --backend`)
 
 Probe = tuple[nn.Module, torch.Tensor]
 Timer = Callable[[nn.Module, torch.Tensor, int, int], float]
@@ -73,8 +74,8 @@ class LatencyBackend(Protocol):
 
 @dataclass(frozen=True)
 class LatencyTarget:
-    """Where a job's latency is measured: a local ``backend``, or a remote ``device`` (by name) that
-    measures with that backend."""
+    """Where a job's latency is measured: a local ``backend``, or a remote ``device`` (by name) whose
+    agent measures with one of :data:`DEVICE_BACKENDS` (``backend`` says which)."""
 
     backend: str = "torch"
     device: str | None = None
@@ -82,6 +83,9 @@ class LatencyTarget:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise PrunePilotError(f"unknown latency backend {self.backend!r}; known: {', '.join(BACKENDS)}")
+        if self.device is not None and self.backend not in DEVICE_BACKENDS:
+            raise PrunePilotError(f"latency backend {self.backend!r} is not one a device agent runs ({', '.join(DEVICE_BACKENDS)}); "
+                                  f"device {self.device!r} measures with its agent's")
 
     def describe(self) -> dict[str, str | None]:
         return {"backend": self.backend, "device": self.device}

@@ -481,47 +481,41 @@ class LatencyTable:
                       min_range: float = STEP_MIN_RANGE) -> tuple[tuple[int, ...], ...]:
         """Each prunable layer's *efficient* channel counts, for ``PruningConstraints(round_to="measured")``.
 
-        With layer i alone pruned to c channels the table predicts L(c) (:meth:`layer_sums`; the
-        calibration's scale does not change the answer). A count c is efficient when every larger
-        count x costs more than ``share`` of the layer's average per-channel latency per extra
-        channel: L(x) > L(c) + share * s * (x - c), s = (L(C) - L(lowest)) / (C - lowest). Otherwise
-        some larger count is about as fast (a step of the staircase that c uses only part of), and
-        snapping c down to the largest efficient count e below it saves more than ``share * s`` per
-        channel removed (e is efficient, so L(c) > L(e) + share * s * (c - e)). On a smooth curve
-        every count is efficient (nothing is snapped). A layer whose whole range L(C) - L(lowest)
-        is under ``min_range`` of the dense network's latency keeps every count: its steps are
-        within the table's noise. Once calibrated, that range is the calibrated one (entries times
-        the fitted scale) against the measured dense latency; before, entries against the dense
-        entry sum. (Entries of layer kernels alone can sum to much less than what the network spends
-        on them: ONNX Runtime's at CIFAR sizes, docs/benchmarks.md.) ``lowest``: the fewest channels
-        each layer may keep (default 1).
+        With layer i alone pruned to c channels the table predicts L(c): once calibrated, the
+        network's latency (:meth:`layer_curve`, alignment penalty included); before, the sum of the
+        entries (:meth:`layer_sums`). A candidate count c is efficient when every larger candidate x
+        costs more than ``share`` of the layer's average per-channel latency per extra channel:
+        L(x) > L(c) + share * s * (x - c), s = (L(top) - L(bottom)) / (top - bottom) over the
+        candidates. Otherwise a larger count is about as fast (a step of the staircase that c uses
+        only part of), and snapping c down to the largest efficient count e below it saves more than
+        ``share * s`` per channel removed. On a smooth curve every candidate is efficient. A layer
+        whose whole range is under ``min_range`` of the dense network's latency keeps every
+        candidate: its steps are within the table's noise. ``lowest``: the fewest channels each
+        layer may keep (default 1).
 
-        A calibrated table with an alignment q > 1 (:meth:`refit`: counts off a multiple of q cost
-        more inside the network) keeps only multiples of q and the layer's own count.
+        Candidates are every count from ``lowest`` to the layer's own, except on a calibrated
+        alignment q > 1 (:meth:`refit`: counts off a multiple of q cost more inside the network):
+        then the multiples of q, the layer's own count, and the powers of two under q (a layer may
+        need fewer channels than one block; those counts stay on every finer block). Efficiency is
+        judged among candidates only: a count off the block may look as fast in the entries as a
+        candidate below it, but inside the network it pays for being off the block.
         """
         channels = self.graph.channels.astype(np.int64)
         lows = np.ones_like(channels) if lowest is None else np.asarray(lowest, dtype=np.int64)
-        entry_total = self.layers_ms(np.zeros(len(channels)))
-        # the least range, in entry ms, worth snapping (a calibration whose entries explain none of
-        # the latency, scale 0, leaves every layer alone)
-        if self.dense_measured_ms is None:
-            least = min_range * entry_total
-        else:
-            least = min_range * self.dense_measured_ms / self.scale if self.scale > 0 else float("inf")
+        calibrated = self.dense_measured_ms is not None
+        least = min_range * (self.dense_ms if calibrated else self.layers_ms(np.zeros(len(channels))))
         steps: list[tuple[int, ...]] = []
         for i, (c_max, lo) in enumerate(zip(channels.tolist(), lows.tolist(), strict=True)):
-            counts = np.arange(max(1, lo), c_max + 1)
+            counts = _step_candidates(max(1, lo), c_max, self.alignment)
             efficient = counts
             if len(counts) > 1:
-                sums = self.layer_sums(i, counts)
-                span = float(sums[-1] - sums[0])
+                cost = self.layer_curve(i, counts) if calibrated else self.layer_sums(i, counts)
+                span = float(cost[-1] - cost[0])
                 if span >= least:
-                    slack = share * span / (len(counts) - 1)
-                    g = sums - slack * counts  # c is efficient iff g(c) < g(x) for every x > c
+                    slack = share * span / float(counts[-1] - counts[0])
+                    g = cost - slack * counts  # c is efficient iff g(c) < g(x) for every larger candidate x
                     after = np.append(np.minimum.accumulate(g[::-1])[::-1][1:], np.inf)
-                    efficient = counts[g < after]
-            if self.alignment > 1:  # c_max is always efficient (nothing larger), so this is never empty
-                efficient = efficient[(efficient % self.alignment == 0) | (efficient == c_max)]
+                    efficient = counts[g < after]  # c_max is always efficient (nothing larger): never empty
             steps.append(tuple(int(c) for c in efficient))
         return tuple(steps)
 
@@ -536,6 +530,15 @@ def on_block(kept: np.ndarray, channels: np.ndarray, q: int) -> np.ndarray:
     count where it has fewer channels)."""
     rounded = np.asarray(kept, dtype=np.int64) // q * q
     return np.where(rounded >= q, rounded, np.minimum(np.asarray(channels, dtype=np.int64), q))
+
+
+def _step_candidates(lowest: int, channels: int, alignment: int) -> np.ndarray:
+    """Counts :meth:`LatencyTable.channel_steps` chooses among, ascending (see there)."""
+    counts = np.arange(lowest, channels + 1)
+    if alignment <= 1:
+        return counts
+    power_of_two = (counts & (counts - 1)) == 0
+    return counts[(counts % alignment == 0) | (counts == channels) | ((counts < alignment) & power_of_two)]
 
 
 def _fit_savings(columns: Sequence[np.ndarray], saved: np.ndarray) -> tuple[list[float], float]:

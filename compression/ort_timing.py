@@ -188,28 +188,3 @@ def time_onnx_entries(models: Sequence[Model], threads: int | None, warmup: int,
                 raise RuntimeError("ONNX Runtime's profiler recorded no runs")
             best.append(min(medians))
     return best
-    with tempfile.TemporaryDirectory(prefix="prunepilot-ort-profile-") as tmp:
-        sessions = _sessions(models, threads, providers, profile_dir=tmp)
-        feeds = [_feed(s, shape) for s, (_, shape) in zip(sessions, models, strict=True)]
-        counts: list[list[tuple[int, int]]] = [[] for _ in models]  # per round: (runs skipped, runs kept)
-        for r in range(max(1, rounds)):
-            for i, (session, feed) in enumerate(zip(sessions, feeds, strict=True)):
-                skip = warmup if r == 0 else 1
-                for _ in range(skip + max(1, repeats)):
-                    session.run(None, feed)
-                counts[i].append((skip, max(1, repeats)))
-        best = []
-        for session, plan in zip(sessions, counts, strict=True):
-            path = session.end_profiling()
-            with open(path) as f:
-                per_run = kernel_ms_per_run(json.load(f))
-            medians, at = [], 0
-            for skip, keep in plan:
-                kept = per_run[at + skip: at + skip + keep]
-                at += skip + keep
-                if kept:
-                    medians.append(statistics.median(kept))
-            if not medians:
-                raise RuntimeError("ONNX Runtime's profiler recorded no runs")
-            best.append(min(medians))
-    return best

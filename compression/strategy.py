@@ -32,10 +32,11 @@ class PruningConstraints:
 
     ``round_to="measured"`` snaps each layer's kept count down to a count the latency table
     measured as worth its latency (the layer's *efficient* counts, ``steps``; see
-    ``LatencyTable.channel_steps``): the count itself when every larger count costs more, else the
-    largest efficient count below it. ``steps`` holds those counts per prunable layer, set once the
-    table is built (the pipeline does it); until then counts are not snapped. Snapping only ever
-    removes channels, so a strategy within a budget stays within it.
+    ``LatencyTable.channel_steps``): the count itself when it is one, else the largest efficient
+    count below it; a count under every efficient count goes up to the smallest. ``steps`` holds
+    those counts per prunable layer, set once the table is built (the pipeline does it); until then
+    counts are not snapped. Agents check budgets on the snapped counts (``kept_vector``), so the
+    snap up never takes a chosen network out of its budget.
     """
 
     max_ratio: float = 0.8
@@ -98,6 +99,12 @@ class PruningConstraints:
             return keep
         j = bisect.bisect_right(efficient, keep)
         return efficient[j - 1] if j > 0 else efficient[0]
+
+    def allowed_counts(self, channels: int, index: int) -> list[int]:
+        """Every count layer ``index`` (of ``channels``) can keep under these constraints, ascending:
+        what :meth:`kept` gives over all ratios. Agents that choose counts themselves (NetAdapt)
+        choose among these."""
+        return sorted({self.kept(channels, 1.0 - k / channels, index) for k in range(1, channels + 1)})
 
     def kept(self, channels: int, ratio: float, index: int) -> int:
         """Channels kept when ``ratio`` of ``channels`` is removed from layer ``index``."""

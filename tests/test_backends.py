@@ -90,6 +90,8 @@ def test_unknown_or_unavailable_backends_are_refused_in_one_line() -> None:
         local_backend("tvm", 1)
     with pytest.raises(PrunePilotError, match="unknown latency backend"):
         LatencyTarget(backend="tensorrt")
+    with pytest.raises(PrunePilotError, match="'torch' is not one a device agent runs"):
+        LatencyTarget(backend="torch", device="board")
     with pytest.raises(PrunePilotError, match="execution provider"):
         OnnxRuntimeBackend(1, providers=["NoSuchExecutionProvider"])
     if not torch.cuda.is_available():
@@ -290,6 +292,28 @@ def test_channel_steps_snap_counts_off_a_staircase_and_leave_a_smooth_curve_alon
             plain.kept_vector(pruner.graph.channels, np.full(len(pruner.layers), 0.1))).any()
 
 
+def test_on_an_alignment_steps_are_judged_among_counts_on_the_block(resnet20, tmp_path: Path) -> None:
+    """Entries in blocks of 6 channels (a kernel padding to 6), and a calibration that found counts
+    off a multiple of 4 slower in the network. 16 runs what 18 does, but 18 is off the block: among
+    the counts on it, 16 costs clearly less than 20 (next block), so 16 is a step. 8 and 20 are not
+    (12 and 24 cost the same). Judged among all counts first, 16 lost to 18 and was then dropped as
+    off the block, so a 32-channel layer went from 24 straight down to 12."""
+    from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
+
+    pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32, PruningConstraints(exclude=RESIDUAL_ROOTS))
+    table = clock_table(pruner, tmp_path / "sixes", ShapedClock(lambda c: math.ceil(c / 6) * 6 / c))
+    dense_sum = table.layers_ms(np.zeros(len(pruner.layers)))
+    table.restore_calibration({"layer_sums_ms": [dense_sum], "scale": 1.0, "remainder_ms": REMAINDER_MS,
+                               "alignment": 4, "penalty_ms": 0.05 * dense_sum})
+    lowest = pruner.constraints.lowest_vector(pruner.graph.channels)
+    steps = table.channel_steps(lowest)
+    wide = [s for s, c in zip(steps, pruner.graph.channels, strict=True) if c == 32]
+    assert wide
+    for layer_steps in wide:
+        assert {12, 16, 24, 28, 32} <= set(layer_steps) and not {8, 20} & set(layer_steps), layer_steps
+        assert all(c % 4 == 0 or c in (1, 2) for c in layer_steps), layer_steps
+
+
 class BlockedClock(FakeClock):
     """FakeClock whose *networks* pay ``penalty`` ms for every conv with an output count off a
     multiple of 4 (a runtime that changes layout around such a layer), which entries timed alone do
@@ -488,7 +512,7 @@ def test_prepare_sets_measured_steps_and_refuses_a_latency_budget_with_no_speedu
     latency = PipelineConfig(agent="uniform", budget=Budget(constraints=[parse_constraint("latency=0.8")]))
     with pytest.raises(PrunePilotError, match=NO_SPEEDUP):
         prepare(plain, None, latency, PipelineHooks(latency_table=flat))  # type: ignore[arg-type]
-    remote = PipelineConfig(agent="uniform", budget=latency.budget, target=LatencyTarget(device="board-1"))
+    remote = PipelineConfig(agent="uniform", budget=latency.budget, target=LatencyTarget("onnxruntime", device="board-1"))
     with pytest.raises(PrunePilotError, match="device 'board-1'"):
         prepare(plain, None, remote, PipelineHooks(latency_store=FileLatencyStore(tmp_path / "x.json")))  # type: ignore[arg-type]
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -98,6 +99,34 @@ def test_netadapt_resumes_without_redoing_recorded_proposals(setup, tmp_path) ->
     assert iterations == sorted(iterations) and iterations.count(1) == second
 
 
+
+def test_netadapt_proposes_only_counts_the_constraints_allow(setup, tmp_path) -> None:
+    """With measured channel steps (here: multiples of 8 and the layer's own count, and 4 in the
+    16-channel layers) every proposal keeps counts among the steps, and each is the most a layer can
+    keep that meets its iteration's target: the next allowed count up would not. (NetAdapt chose raw
+    counts before, so round_to and the steps did nothing for it.)"""
+    ev, _ = setup
+    pruner = ev.pruner
+    channels = [int(c) for c in pruner.graph.channels]
+    steps = tuple(tuple(c for c in range(1, ch + 1) if c % 8 == 0 or c == ch or (ch == 16 and c == 4)) for ch in channels)
+    plain = pruner.constraints
+    pruner.constraints = dataclasses.replace(plain, round_to="measured", steps=steps)
+    try:
+        ctx = SearchContext(ev, {"flops": 0.8}, SearchLimits(max_evaluations=400), seed=0, agent="netadapt", state_dir=tmp_path)
+        create_agent("netadapt", initial_reduction=0.1, short_steps=1).search(ctx)
+        proposals = [t for t in ctx.recorder.existing() if t.kind == "proposal"]
+        assert proposals
+        for t in proposals:
+            kept = np.array(t.metrics["kept"])
+            assert all(int(k) in steps[i] for i, k in enumerate(kept)), kept
+            i = ctx.layer_names.index(t.extra["layer"])
+            up = [c for c in steps[i] if c > kept[i]]
+            if up:  # one allowed count more in that layer misses the target
+                wider = kept.copy()
+                wider[i] = up[0]
+                assert ctx.costs(wider)["flops"] > t.extra["target"] + 1e-12
+    finally:
+        pruner.constraints = plain
 
 
 @pytest.fixture()
