@@ -487,6 +487,44 @@ def keys_revoke(key_id: int) -> None:
     console.print(f"key {key_id} revoked")
 
 
+devices_app = typer.Typer(help="Devices (remote latency targets) and their tables.", no_args_is_help=True)
+app.add_typer(devices_app, name="devices")
+
+
+@devices_app.command("list")
+def devices_list() -> None:
+    """Declared devices: runtime, whether an agent is connected, latency-table entries, tasks."""
+    from .db.migrate import ensure_current
+    from .devices import DeviceService
+
+    settings = get_settings()
+    ensure_current(settings.db_url)
+    for d in DeviceService(settings).list_devices(owner_id=None):
+        state = "connected" if d.connected else ("registered" if d.fingerprint else "never registered")
+        console.print(f"{d.name}	{d.backend or '-'}	{state}	{d.entries} entries	{d.tasks['open']} open / {d.tasks['done']} done tasks"
+                      f"	{len(d.jobs)} job(s)", highlight=False)
+
+
+@devices_app.command("remove")
+def devices_remove(name: str,
+                   keep_table: Annotated[bool, typer.Option(help="keep the device's latency-table entries (a device declared "
+                                                                  "again under this name with the same fingerprint reuses them)")] = False) -> None:
+    """Remove a device: its measurement tasks, its keys (revoked) and its latency table. Refused while
+    an unfinished job targets it."""
+    from .db.migrate import ensure_current
+    from .devices import DeviceService
+
+    settings = get_settings()
+    ensure_current(settings.db_url)
+    try:
+        gone = DeviceService(settings).remove(name, keep_table=keep_table)
+    except PrunePilotError as exc:
+        _fail(str(exc))
+        return
+    console.print(f"device {name} removed: {gone['tasks']} task(s), {gone['keys_revoked']} key(s) revoked, "
+                  f"{gone['entries']} latency-table entr{'y' if gone['entries'] == 1 else 'ies'}", highlight=False)
+
+
 @app.command("device-agent", add_help_option=False,
              context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def device_agent(ctx: typer.Context) -> None:

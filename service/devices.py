@@ -36,10 +36,15 @@ class InvalidResult(PrunePilotError):
     """A result that does not fit its task (HTTP 422)."""
 
 
-def table_prefix(name: str, fingerprint: str) -> str:
+def table_prefix(name: str, fingerprint: str | None = None) -> str:
     """The start of every latency-table key of a device: its name and its agent's fingerprint (the
-    batch size follows). The name is part of it: two boards of one model may still run differently."""
-    return f"device={name}|{fingerprint}|"
+    batch size follows); without ``fingerprint``, of every key the device ever had. The name is part
+    of it: two boards of one model may still run differently."""
+    return f"device={name}|" if fingerprint is None else f"device={name}|{fingerprint}|"
+
+
+class DeviceInUse(PrunePilotError):
+    """A device that unfinished jobs still measure on."""
 
 
 def connected(device: Device, lease_s: float, now: datetime | None = None) -> bool:
@@ -65,6 +70,20 @@ class DeviceService:
         if device is None:
             raise NotFound(f"no device {name!r}: declare it with `prunepilot keys create --device {name}`")
         return device
+
+    # ---------------------------------------------------------------- the operator's side
+
+    def remove(self, name: str, keep_table: bool = False) -> dict[str, int]:
+        """Remove a declared device: its measurement tasks, its keys (revoked: its agent can no longer
+        connect) and, unless ``keep_table``, its latency-table entries. Refused while a job not finished
+        yet targets it (that job would wait for the device for ever). Counts of what went."""
+        with session_scope(self.url) as s:
+            device = self._device(s, name)
+            active = repo.active_jobs_on_device(s, device=name)
+            if active:
+                raise DeviceInUse(f"device {name!r} is the latency target of {len(active)} unfinished job(s) "
+                                  f"({', '.join(active[:5])}): cancel them or let them finish first")
+            return repo.delete_device(s, device_id=device.id, name=name, entry_prefix=None if keep_table else table_prefix(name))
 
     # ---------------------------------------------------------------- the agent's side
 

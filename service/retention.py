@@ -19,6 +19,10 @@ A job being created while the sweep runs may name an upload the sweep has just f
 the sweep spares uploads changed within ``UPLOAD_GRACE_S``; what remains is the instant between the
 sweep's last look and its unlink, after which such a job fails at its start, naming the missing
 file, and can be submitted again.
+
+The same cutoff removes device network measurements (whole networks a device's agent timed for a
+job's calibration or measured check) of any job: each was read once by the job that asked for it.
+Entry measurements stay: they are how a device's table knows an entry was measured.
 """
 
 from __future__ import annotations
@@ -50,12 +54,15 @@ class SweepResult:
     removed: int = 0  # files and directories removed
     bytes: int = 0
     errors: int = 0
+    network_tasks: int = 0  # device network-measurement rows removed
 
     def summary(self) -> str:
         if self.days is None:
             return "retention is off (PRUNEPILOT_FAILED_JOB_RETENTION_DAYS=none): nothing removed"
         line = (f"removed {self.removed} files and directories ({self.bytes / 2**20:.1f} MiB) of {len(self.jobs)} "
                 f"job{'s' if len(self.jobs) != 1 else ''} failed or cancelled over {self.days:g} days ago")
+        if self.network_tasks:
+            line += f", and {self.network_tasks} device network measurements as old"
         return line + (f"; {self.errors} could not be removed (see the log)" if self.errors else "")
 
 
@@ -66,6 +73,8 @@ def sweep(settings: Settings, *, now: datetime | None = None, upload_grace_s: fl
         return result
     before = (now or utcnow()) - timedelta(days=result.days)
     store = JobStore(settings.db_url)
+    with store.write() as s:
+        result.network_tasks = repo.delete_network_tasks_finished_before(s, before=before)
     with store.read() as s:
         expired = repo.expired_jobs(s, before=before)
     uploads_dir = settings.uploads_dir.resolve()

@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prunepilot.agents import SearchLimits
 from prunepilot.agents.pipeline import FinalConfig, PipelineConfig
 from prunepilot.compression import Budget, Fidelity, FinetuneConfig, PruningConstraints
-from prunepilot.compression.backends import LatencyTarget
+from prunepilot.compression.backends import DEVICE_BACKENDS, LatencyTarget
 from prunepilot.compression.evaluate import FIDELITY_METHODS
 from prunepilot.compression.importance import CRITERIA
 
@@ -86,14 +86,23 @@ class TargetSpec(BaseModel):
     """Where the job's latency is measured: its latency table, measured check and measured channel steps."""
 
     model_config = SPEC_CONFIG
-    backend: Literal["torch", "onnxruntime", "cuda"] = Field(
-        default="torch", description="torch: PyTorch eager on the worker's CPU; onnxruntime: ONNX Runtime (CPU execution "
-                                     "provider); cuda: PyTorch on the worker's GPU")
+    backend: Literal["torch", "onnxruntime", "cuda"] | None = Field(
+        default=None, description="torch (the default without a device): PyTorch eager on the worker's CPU; onnxruntime: "
+                                  "ONNX Runtime (CPU execution provider; the default with a device, and the only runtime "
+                                  "device agents run); cuda: PyTorch on the worker's GPU")
     device: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
-                               description="a registered remote device (by name) that measures instead of the worker")
+                               description="a registered remote device (by name) whose agent measures instead of the worker")
+
+    @model_validator(mode="after")
+    def _device_runtime(self) -> TargetSpec:
+        if self.device is not None and self.backend is not None and self.backend not in DEVICE_BACKENDS:
+            raise ValueError(f"backend {self.backend!r} cannot be measured on a device: device agents run "
+                             f"{', '.join(DEVICE_BACKENDS)} (leave backend out)")
+        return self
 
     def to_engine(self) -> LatencyTarget:
-        return LatencyTarget(backend=self.backend, device=self.device)
+        default = DEVICE_BACKENDS[0] if self.device is not None else "torch"
+        return LatencyTarget(backend=self.backend or default, device=self.device)
 
 
 class MeasureSpec(BaseModel):

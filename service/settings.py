@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     failed_job_retention_days: float | None = Field(
         default=7.0, ge=0,
         description="days the files of a failed or cancelled job are kept (its state directory, any artifacts, and the "
-                    "uploads and decoded data caches no other job needs); the job's row and trials stay. Swept by the "
+                    "uploads and decoded data caches no other job needs); the job's row and trials stay. Device "
+                    "network measurements (read once by the job that asked for them) go after as long. Swept by the "
                     "dispatcher every few minutes and by `prunepilot gc` ('none': keep forever)")
     dispatch_interval_s: float = Field(default=1.0, gt=0)
     run_dispatcher: bool = Field(default=True, description="run jobs from this API process (off: an API-only replica)")

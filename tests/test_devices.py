@@ -16,12 +16,16 @@ import torch
 from torch import nn
 
 from prunepilot.agents import SearchCancelled
+from prunepilot.compression.backends import LatencyTarget
 from prunepilot.service.auth import create_key
 from prunepilot.service.db import repo
 from prunepilot.service.db.engine import read_scope, session_scope
+from prunepilot.service.db.lifecycle import JobStatus
+from prunepilot.service.db.models import LatencyEntry
 from prunepilot.service.db.store import JobStore
 from prunepilot.service.device_agent import AgentConfig, DeviceAgent, pack_models
 from prunepilot.service.remote_backend import RemoteBackend
+from prunepilot.service.schemas import JobCreate
 
 REGISTER = {"backend": "onnxruntime", "fingerprint": "backend=onnxruntime|cpu=test|threads=1"}
 
@@ -225,7 +229,8 @@ def test_keys_create_device_declares_the_device_and_scopes_the_key(tmp_path: Pat
 
     code, out, _ = cli("keys", "create", "--name", "board agent", "--device", "board-1")
     assert code == 0 and "device board-1" in out
-    principal = authenticate(url, out.split()[-1])
+    principal_secret = out.split()[-1]
+    principal = authenticate(url, principal_secret)
     assert principal is not None and (principal.scope, principal.device) == ("device", "board-1")
     with read_scope(url) as s:
         assert [d.name for d in repo.list_devices(s)] == ["board-1"]
@@ -233,6 +238,32 @@ def test_keys_create_device_declares_the_device_and_scopes_the_key(tmp_path: Pat
     assert "device board-1" in out
     code, _, err = cli("keys", "create", "--device", "no spaces please")
     assert code == 2 and "device name" in err and "Traceback" not in err
+
+    # `prunepilot devices remove`: refused while an unfinished job targets the device; then its
+    # tasks, its keys and its table go, and nothing of another device (board-10: a name it prefixes)
+    cli("keys", "create", "--device", "board-10")
+    with session_scope(url) as s:
+        device_id = repo.get_device(s, name="board-1").id  # type: ignore[union-attr]
+        repo.add_device_tasks(s, device_id=device_id, tasks=[{"kind": "entry", "key": "k", "fingerprint": "fp", "job_id": None,
+                                                              "spec": {}, "payload": b"zip"}])
+        for name in ("board-1", "board-10"):
+            repo.put_latency_entries(s, device=f"device={name}|fp|batch=1", entries={"sig": (1.0, 3)})
+        repo.create_job(s, job_id="j1", agent="uniform", arch="resnet20", dataset="cifar10-jpeg", problem_key="0" * 16,
+                        problem={"spec": {"target": {"device": "board-1"}}})
+    code, out, _ = cli("devices", "list")
+    assert code == 0 and "board-1 - never registered 0 entries 1 open / 0 done tasks 1 job(s)" in " ".join(out.split()), out
+    code, _, err = cli("devices", "remove", "board-1")
+    assert code == 2 and "latency target of 1 unfinished job(s) (j1)" in " ".join(err.split()) and "Traceback" not in err
+    with session_scope(url) as s:
+        assert repo.move_job(s, job_id="j1", to=JobStatus.CANCELLED, allowed_from=frozenset({JobStatus.QUEUED}))
+    code, out, _ = cli("devices", "remove", "board-1")
+    assert code == 0 and "device board-1 removed: 1 task(s), 1 key(s) revoked, 1 latency-table entry" in out, out
+    assert authenticate(url, principal_secret) is None  # its agent can no longer connect
+    with read_scope(url) as s:
+        assert [d.name for d in repo.list_devices(s)] == ["board-10"]
+        assert [e.device for e in s.query(LatencyEntry).all()] == ["device=board-10|fp|batch=1"]
+    code, _, err = cli("devices", "remove", "board-1")
+    assert code == 2 and "no device 'board-1'" in err
     get_settings.cache_clear()
 
 
@@ -242,9 +273,13 @@ def test_a_job_may_target_only_a_declared_device(api, board: str, resnet20_weigh
     r = api.submit(spec, resnet20_weights)
     assert r.status_code == 422 and r.json()["detail"].startswith("target.device: no device named 'nowhere' (known: board)")
     api.client.post("/v1/devices/board/register", json=REGISTER, headers=bearer(board))
-    r = api.submit({**spec, "target": {"device": "board", "backend": "torch"}}, resnet20_weights)
-    assert r.status_code == 422 and "target.backend: device 'board' measures with onnxruntime" in r.json()["detail"]
-    r = api.submit({**spec, "target": {"device": "board"}}, resnet20_weights)
+    for backend in ("torch", "cuda"):  # runtimes no device agent runs
+        r = api.submit({**spec, "target": {"device": "board", "backend": backend}}, resnet20_weights)
+        assert r.status_code == 422 and "target" in r.json()["detail"] and "device agents run onnxruntime" in r.json()["detail"], r.text
+    # without a backend a device target measures with the agents' runtime, and a local one in torch
+    assert JobCreate.model_validate(spec).target.to_engine() == LatencyTarget("onnxruntime", "nowhere")
+    assert JobCreate.model_validate(spec | {"target": {}}).target.to_engine() == LatencyTarget("torch")
+    r = api.submit({**spec, "target": {"device": "board", "backend": "onnxruntime"}}, resnet20_weights)
     assert r.status_code == 202, r.text
     devices = api.client.get("/v1/devices", headers=api.headers()).json()
     assert [j["id"] for j in devices[0]["jobs"]] == [r.json()["id"]]  # alice's job on it

@@ -18,7 +18,7 @@ from prunepilot.service.db import repo
 from prunepilot.service.db.engine import dispose_engines, read_scope, session_scope
 from prunepilot.service.db.lifecycle import JobStatus
 from prunepilot.service.db.migrate import upgrade
-from prunepilot.service.db.models import Job, utcnow
+from prunepilot.service.db.models import DeviceTask, Job, utcnow
 from prunepilot.service.settings import Settings
 
 SPEC = {"arch": "resnet20", "dataset": "cifar10-jpeg", "agent": "random",
@@ -241,3 +241,22 @@ def test_the_dispatcher_sweeps_now_and_then_and_survives_a_failing_sweep(rsettin
     d.sweep_files(now=1000.0 + retention.SWEEP_INTERVAL_S / 2)  # not due yet
     d.sweep_files(now=1000.0 + retention.SWEEP_INTERVAL_S + 1)
     assert len(calls) == 2
+
+
+def test_old_device_network_measurements_are_swept_entries_and_recent_ones_stay(rsettings: Settings) -> None:
+    """Whole networks a device timed for a job were read once by it: after the retention they go;
+    entry measurements (how the device's table knows an entry was measured) and recent ones stay."""
+    s = rsettings
+    with session_scope(s.db_url) as sess:
+        device = repo.ensure_device(sess, name="board")
+        rows = [{"kind": kind, "key": f"{kind}-{age}", "fingerprint": "fp", "job_id": None, "spec": {}, "payload": b"zip"}
+                for kind in ("network", "entry") for age in ("old", "new", "open")]
+        repo.add_device_tasks(sess, device_id=device.id, tasks=rows)
+        for task in sess.query(DeviceTask).all():
+            if not task.key.endswith("open"):
+                task.finished_at = utcnow() - timedelta(days=10 if task.key.endswith("old") else 1)
+    result = retention.sweep(s, upload_grace_s=0)
+    assert result.network_tasks == 1 and "1 device network measurements" in result.summary()
+    with read_scope(s.db_url) as sess:
+        assert sorted(t.key for t in sess.query(DeviceTask).all()) == ["entry-new", "entry-old", "entry-open", "network-new", "network-open"]
+    assert retention.sweep(s, upload_grace_s=0).network_tasks == 0

@@ -458,10 +458,40 @@ def latency_entry_count(session: Session, *, device_prefix: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
+def _targets(device: str) -> ColumnElement[bool]:
+    return Job.problem[("spec", "target", "device")].as_string() == device
+
+
+def active_jobs_on_device(session: Session, *, device: str) -> list[str]:
+    """Ids of the jobs not finished yet whose latency target is ``device``."""
+    return list(session.scalars(select(Job.id).where(_targets(device), Job.status.in_([str(s) for s in ACTIVE]))).all())
+
+
+def delete_device(session: Session, *, device_id: int, name: str, entry_prefix: str | None) -> dict[str, int]:
+    """A device's row, its measurement tasks, its keys (revoked) and, with ``entry_prefix``, the
+    latency-table entries whose key starts with it; the count of each."""
+    tasks = cast(CursorResult[Any], session.execute(delete(DeviceTask).where(DeviceTask.device_id == device_id))).rowcount or 0
+    keys = cast(CursorResult[Any], session.execute(
+        update(ApiKey).where(ApiKey.scope == "device", ApiKey.device == name, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow()))).rowcount or 0
+    entries = 0
+    if entry_prefix is not None:
+        entries = cast(CursorResult[Any], session.execute(
+            delete(LatencyEntry).where(LatencyEntry.device.startswith(entry_prefix, autoescape=True)))).rowcount or 0
+    session.execute(delete(Device).where(Device.id == device_id))
+    return {"tasks": tasks, "keys_revoked": keys, "entries": entries}
+
+
+def delete_network_tasks_finished_before(session: Session, *, before: datetime) -> int:
+    """Network tasks (whole networks timed for one job's calibration or check) measured before
+    ``before``: their job has read them, and network timings are compared only within one run."""
+    stmt = delete(DeviceTask).where(DeviceTask.kind == "network", DeviceTask.finished_at.is_not(None), DeviceTask.finished_at < before)
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount or 0
+
+
 def jobs_on_device(session: Session, *, device: str, owner_id: int | None, limit: int = 20) -> list[Job]:
     """The jobs (of ``owner_id``, when given) whose latency target is ``device``, newest first."""
-    named = Job.problem[("spec", "target", "device")].as_string() == device
-    stmt = select(Job).where(named)
+    stmt = select(Job).where(_targets(device))
     if owner_id is not None:
         stmt = stmt.where(Job.owner_id == owner_id)
     return list(session.scalars(stmt.order_by(Job.created_at.desc()).limit(limit)).all())
