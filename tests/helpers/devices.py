@@ -17,7 +17,10 @@ from torch import nn
 
 
 class Tiny(nn.Module):
-    """Three convs with a small channel grid (55 latency-table entries), pooling, a classifier."""
+    """Three convs with a small channel grid (79 latency-table entries), pooling, a classifier. The
+    first is 32 wide: ONNX Runtime on AVX-512 pads output channels to blocks of 16, so a net of
+    16-wide convs barely speeds up when pruned (its floor measured 0.92 of dense here), while
+    pruning the first to 16 or fewer saves a whole block at full resolution."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -25,7 +28,7 @@ class Tiny(nn.Module):
         def block(cin: int, cout: int, stride: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
 
-        self.features = nn.Sequential(block(3, 16, 1), block(16, 16, 2), block(16, 16, 1))
+        self.features = nn.Sequential(block(3, 32, 1), block(32, 16, 2), block(16, 16, 1))
         self.fc = nn.Linear(16, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
