@@ -501,8 +501,8 @@ def devices_list() -> None:
     ensure_current(settings.db_url)
     for d in DeviceService(settings).list_devices(owner_id=None):
         state = "connected" if d.connected else ("registered" if d.fingerprint else "never registered")
-        console.print(f"{d.name}	{d.backend or '-'}	{state}	{d.entries} entries	{d.tasks['open']} open / {d.tasks['done']} done tasks"
-                      f"	{len(d.jobs)} job(s)", highlight=False)
+        console.print(f"{d.name}\t{d.backend or '-'}\t{state}\t{d.entries} entries\t{d.tasks['open']} open / {d.tasks['done']} done tasks"
+                      f"\t{len(d.jobs)} job(s)", highlight=False)
 
 
 @devices_app.command("remove")
