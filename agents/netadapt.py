@@ -144,6 +144,8 @@ class NetAdaptAgent(Agent):
         pruner = ctx.pruner
         dense_channels = pruner.graph.channels
         min_kept = pruner.kept_from_vector(ctx.max_ratios)
+        # the counts each layer may keep (rounding, measured steps): fixed for the whole search
+        self._allowed = [pruner.constraints.allowed_counts(int(c), i) for i, c in enumerate(dense_channels)]
         state = self._restore(ctx)
         if state is None:
             iteration, kept = 0, dense_channels.copy()
@@ -258,9 +260,8 @@ class NetAdaptAgent(Agent):
         """Per layer, the most channels it can keep (among the counts its constraints allow: rounding,
         measured steps) with the resource at or under ``target``, the other layers as they are."""
         props = []
-        constraints = ctx.pruner.constraints
         for i in range(len(kept)):
-            below = [c for c in constraints.allowed_counts(int(ctx.channels[i]), i) if min_kept[i] <= c < kept[i]]
+            below = [c for c in self._allowed[i] if min_kept[i] <= c < kept[i]]
             if not below:
                 continue
 

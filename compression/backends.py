@@ -84,8 +84,8 @@ class LatencyTarget:
         if self.backend not in BACKENDS:
             raise PrunePilotError(f"unknown latency backend {self.backend!r}; known: {', '.join(BACKENDS)}")
         if self.device is not None and self.backend not in DEVICE_BACKENDS:
-            raise PrunePilotError(f"latency backend {self.backend!r} is not one a device agent runs ({', '.join(DEVICE_BACKENDS)}); "
-                                  f"device {self.device!r} measures with its agent's")
+            raise PrunePilotError(f"latency backend {self.backend!r} is not one a device agent runs: device agents run "
+                                  f"{', '.join(DEVICE_BACKENDS)} (device {self.device!r} measures with its agent's; leave backend out)")
 
     def describe(self) -> dict[str, str | None]:
         return {"backend": self.backend, "device": self.device}

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from prunepilot.agents import SearchLimits
 from prunepilot.agents.pipeline import FinalConfig, PipelineConfig
-from prunepilot.compression import Budget, Fidelity, FinetuneConfig, PruningConstraints
+from prunepilot.compression import Budget, Fidelity, FinetuneConfig, PrunePilotError, PruningConstraints
 from prunepilot.compression.backends import DEVICE_BACKENDS, LatencyTarget
 from prunepilot.compression.evaluate import FIDELITY_METHODS
 from prunepilot.compression.importance import CRITERIA
@@ -94,10 +94,12 @@ class TargetSpec(BaseModel):
                                description="a registered remote device (by name) whose agent measures instead of the worker")
 
     @model_validator(mode="after")
-    def _device_runtime(self) -> TargetSpec:
-        if self.device is not None and self.backend is not None and self.backend not in DEVICE_BACKENDS:
-            raise ValueError(f"backend {self.backend!r} cannot be measured on a device: device agents run "
-                             f"{', '.join(DEVICE_BACKENDS)} (leave backend out)")
+    def _engine_target(self) -> TargetSpec:
+        """The engine's ``LatencyTarget`` decides which backends a device may name."""
+        try:
+            self.to_engine()
+        except PrunePilotError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def to_engine(self) -> LatencyTarget:
