@@ -91,6 +91,7 @@ class PipelineHooks:
     latency_backend: LatencyBackend | None = None  # None: the local backend the job's target names (a remote device: the host's)
     device: str | torch.device = "cpu"  # compute device: auto, cpu, cuda, cuda:N (compression/compute_device.py)
     gpu_eval_batch: int = GPU_EVAL_BATCH  # inference batch on a GPU (validation, test)
+    calibration_repeats: int | None = None  # whole-network runs per latency calibration network (None: the engine's)
 
 
 @dataclass
@@ -139,7 +140,8 @@ def prepare(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: P
         batch = latency.batch_size if latency is not None else 1
         table = LatencyTable(pruner.graph, pruner.model, hooks.latency_store, batch, _threads(hooks), backend=latency_backend(config.target, hooks))
         table.build(should_stop=hooks.should_stop)
-        table.calibrate()  # measured steps need it too: it finds the channel alignment the target rewards
+        # measured steps need it too: it finds the channel alignment the target rewards
+        table.calibrated(repeats=hooks.calibration_repeats)
     backend_name = table.backend.name if table is not None else None
     if measured_steps and table is not None and pruner.constraints.steps is None:
         lowest = pruner.constraints.lowest_vector(pruner.graph.channels)

@@ -303,6 +303,7 @@ class LatencyOutlook:
     uniform_speedup: float | None = None
     stepped_speedup: float | None = None
     budget_problem: str | None = None  # why the speedups at the budget are missing
+    calibration: str | None = None  # "measured" now, or "stored" by an earlier job or build of the model on this target
 
     @property
     def will_speed_up(self) -> bool:
@@ -319,12 +320,13 @@ class LatencyOutlook:
         return {"backend": self.backend, "device": self.device, "batch_size": self.batch_size, "dense_ms": self.dense_ms,
                 "floor_speedup": self.floor_speedup, "will_speed_up": self.will_speed_up, "verdict": self.verdict,
                 "budget": self.budget, "uniform_speedup": self.uniform_speedup, "stepped_speedup": self.stepped_speedup,
-                "budget_problem": self.budget_problem,
+                "budget_problem": self.budget_problem, "calibration": self.calibration,
                 "layers": [{"name": c.name, "counts": list(c.counts), "ms": list(c.ms)} for c in self.layers]}
 
     def table(self, curve_points: int = 6) -> str:
         """The outlook as text for the CLI (each curve shown at up to ``curve_points`` of its counts)."""
-        lines = [f"latency on {self.backend} ({self.device}), batch {self.batch_size}: dense {self.dense_ms:.3f} ms (calibrated)",
+        lines = [f"latency on {self.backend} ({self.device}), batch {self.batch_size}: dense {self.dense_ms:.3f} ms "
+                 f"(calibration {self.calibration or 'measured'})",
                  self.verdict]
         if self.budget is not None:
             if self.budget_problem is not None:
@@ -365,7 +367,8 @@ def latency_outlook(pruner: Pruner, table: Any, budget: Budget | None = None) ->
                               tuple(float(v) for v in table.layer_curve(i, table.layer_grid(i))))
                    for i, layer in enumerate(graph.layers))
     outlook = LatencyOutlook(backend=table.backend.name, device=table.device, batch_size=int(table.batch_size), dense_ms=dense_ms,
-                             floor_speedup=dense_ms / _latency_floor(table, floor), layers=curves)
+                             floor_speedup=dense_ms / _latency_floor(table, floor), layers=curves,
+                             calibration=table.calibration_source)
     if budget is None or not graph.layers:
         return outlook
     size = SizeModel.of(pruner.model, graph.dense_params)

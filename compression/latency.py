@@ -12,12 +12,13 @@ found one, a penalty for channel counts off the runtime's alignment (:meth:`Late
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -37,18 +38,24 @@ def signature(op: str, c_in: int, c_out: int, h: int, w: int, kernel: int, strid
 
 
 class LatencyStore(Protocol):
-    """Where table entries live: a JSON file here, SQL rows in the service."""
+    """Where table entries and calibrations live: JSON files here, SQL rows in the service."""
 
     def get(self, device: str) -> dict[str, float]: ...
 
     def put(self, device: str, entries: Mapping[str, tuple[float, int]]) -> None: ...
 
+    def get_calibration(self, device: str, model_key: str) -> dict[str, Any] | None: ...
+
+    def put_calibration(self, device: str, model_key: str, calibration: Mapping[str, Any]) -> None: ...
+
 
 class FileLatencyStore:
-    """Entries in one JSON file per store: {device: {signature: [ms, repeats]}}; writes are atomic."""
+    """Entries in one JSON file per store: {device: {signature: [ms, repeats]}}; calibrations beside
+    it (``NAME.calibrations.json``: {device: {model key: calibration}}); writes are atomic."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.calibrations_path = self.path.with_name(f"{self.path.stem}.calibrations.json")
 
     def _load(self) -> dict[str, dict[str, list[float]]]:
         if not self.path.is_file():
@@ -63,10 +70,24 @@ class FileLatencyStore:
         bucket = blob.setdefault(device, {})
         for sig, (ms, n) in entries.items():
             bucket.setdefault(sig, [ms, n])  # the first measurement stays: tables are reused, not re-measured
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(blob))
-        os.replace(tmp, self.path)
+        _write_json(self.path, blob)
+
+    def get_calibration(self, device: str, model_key: str) -> dict[str, Any] | None:
+        if not self.calibrations_path.is_file():
+            return None
+        return json.loads(self.calibrations_path.read_text()).get(device, {}).get(model_key)
+
+    def put_calibration(self, device: str, model_key: str, calibration: Mapping[str, Any]) -> None:
+        blob = json.loads(self.calibrations_path.read_text()) if self.calibrations_path.is_file() else {}
+        blob.setdefault(device, {})[model_key] = dict(calibration)  # a recalibration replaces the one before
+        _write_json(self.calibrations_path, blob)
+
+
+def _write_json(path: Path, blob: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(blob))
+    os.replace(tmp, path)
 
 
 # Measured channel steps (LatencyTable.channel_steps): a larger count that adds less than a quarter of
@@ -83,6 +104,10 @@ STEP_MIN_RANGE = 0.01
 # at least halves the fit's squared error.
 ALIGNMENTS = (2, 4, 8, 16)
 MIN_PENALTY = 0.02
+
+# Whole-network runs per calibration network, split over its rounds (:meth:`LatencyTable.calibrate`);
+# hosts may ask for fewer (PRUNEPILOT_CALIBRATION_REPEATS), trading the fit's noise for time.
+CALIBRATION_REPEATS = 40
 
 
 # Spread grid points sit on multiples of this: kernels work on channel blocks (ONNX Runtime's CPU
@@ -185,6 +210,7 @@ class LatencyTable:
         self.alignment = 1
         self.penalty_ms = 0.0
         self.calibration: dict[str, object] = {}
+        self.calibration_source: str | None = None  # "measured" (calibrate) or "stored" (restore_calibration)
         self._calibration_points: tuple[list[np.ndarray], np.ndarray] | None = None  # kept vectors, measured ms
 
     # ------------------------------------------------------------------ building
@@ -270,7 +296,7 @@ class LatencyTable:
             self._lines.append(((np.array(ins, dtype=np.float64), _monotone(along_in[:, None])[:, 0]),
                                 (np.array(outs, dtype=np.float64), _monotone(along_out[None, :])[0])))
 
-    def calibrate(self, repeats: int = 40, probes: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 0,
+    def calibrate(self, repeats: int | None = None, probes: tuple[float, ...] = (0.2, 0.4, 0.6, 0.8), seed: int = 0,
                   rounds: int = 3) -> float:
         """Fit the table to end-to-end measurements (:meth:`refit`); returns the dense latency.
 
@@ -284,9 +310,11 @@ class LatencyTable:
         run, pruned networks measured up to a third faster relative to dense than in pairs in ONNX
         Runtime, and 3-5 % in torch). Every pair is timed in ``rounds`` separate runs of about
         ``repeats / rounds`` runs each; each network keeps the median of its shares of dense over the
-        rounds, so a burst of load in one run decides nothing.
+        rounds, so a burst of load in one run decides nothing. ``repeats`` None: :data:`CALIBRATION_REPEATS`.
         """
         from .strategy import PruningConstraints
+
+        repeats = CALIBRATION_REPEATS if repeats is None else repeats
 
         limits = PruningConstraints(max_ratio=0.9, first_layer_max_ratio=0.9)
         rng = np.random.default_rng(seed)
@@ -305,7 +333,39 @@ class LatencyTable:
                 dense_ms.append(ref.median_ms)
         dense = float(np.median(dense_ms))
         self._calibration_points = (kept, np.median(shares, axis=0) * dense)
+        self.calibration_source = "measured"
         return self.refit()
+
+    def model_key(self) -> str:
+        """What a calibration depends on beyond this table's entries and device: the dense model's
+        structure (its module tree, an FX graph's code) and input size, hashed."""
+        h = hashlib.sha256(repr(self.model).encode())
+        code = getattr(self.model, "code", None)  # onnx2torch and other FX graph modules: the forward itself
+        if isinstance(code, str):
+            h.update(code.encode())
+        h.update(f"|input={self.graph.input_size}".encode())
+        return h.hexdigest()
+
+    def calibrated(self, repeats: int | None = None, refresh: bool = False, keep: bool = True) -> float:
+        """Calibrate once per model structure and device: the store's calibration when it was fitted
+        to this table's entries (:meth:`restore_calibration`), else :meth:`calibrate`, stored when
+        ``keep``. ``refresh`` calibrates again (and replaces the stored one). Returns the dense latency.
+
+        Later jobs of the model on the device so share one fit (the same channel alignment and
+        predictions, no whole-network timing in their prepare phase); their measured checks still
+        time every answer."""
+        key = self.model_key()
+        saved = None if refresh else self.store.get_calibration(self.device, key)
+        if saved is not None:
+            try:
+                self.restore_calibration(saved)
+                return cast(float, self.dense_measured_ms)
+            except PrunePilotError:
+                pass  # fitted to other entries (the table was rebuilt since): calibrate again
+        dense = self.calibrate(repeats)
+        if keep:
+            self.store.put_calibration(self.device, key, self.calibration)
+        return dense
 
     def _on_every_block(self, kept: np.ndarray) -> np.ndarray:
         """``kept`` rounded down to multiples of the largest of :data:`ALIGNMENTS` (at least one
@@ -396,6 +456,7 @@ class LatencyTable:
         self.penalty_ms = float(cast(float, calibration.get("penalty_ms", 0.0)))
         self.dense_measured_ms = self.remainder_ms + self.scale * mine
         self.calibration = dict(calibration)
+        self.calibration_source = "stored"
 
     # ------------------------------------------------------------------ prediction
 
@@ -522,7 +583,7 @@ class LatencyTable:
     def summary(self) -> dict[str, object]:
         return {"backend": self.backend.name, "device": self.device, "entries": len(self.values), "layers": len(self.entries), "quantum": self.quantum,
                 "dense_ms": self.dense_measured_ms, "remainder_ms": self.remainder_ms, "scale": self.scale,
-                "alignment": self.alignment, "penalty_ms": self.penalty_ms}
+                "alignment": self.alignment, "penalty_ms": self.penalty_ms, "calibration": self.calibration_source}
 
 
 def on_block(kept: np.ndarray, channels: np.ndarray, q: int) -> np.ndarray:

@@ -112,9 +112,11 @@ def _round_to(value: str | None) -> int | Literal["measured"] | None:
     return n
 
 
-def _latency_table(graph: PruningGraph, model: nn.Module, backend_name: str, batch: int, threads: int) -> tuple[Any, int]:
+def _latency_table(graph: PruningGraph, model: nn.Module, backend_name: str, batch: int, threads: int,
+                   recalibrate: bool = False) -> tuple[Any, int]:
     """This machine's latency table for ``model`` on ``backend_name``, built (or reused) in the
-    service's database with a progress bar, and the entries measured now; calibrated."""
+    service's database with a progress bar, and the entries measured now; calibrated (the stored
+    calibration of this model here, unless ``recalibrate``)."""
     from tqdm import tqdm
 
     from prunepilot.compression.backends import local_backend
@@ -130,7 +132,7 @@ def _latency_table(graph: PruningGraph, model: nn.Module, backend_name: str, bat
     todo = len(table.missing())
     with tqdm(total=todo, desc=f"measuring layers ({backend_name})", unit="entry", disable=todo == 0) as bar:
         measured = table.build(progress=lambda done, total: bar.update(done - bar.n))
-    table.calibrate()
+    table.calibrated(repeats=settings.calibration_repeats, refresh=recalibrate)
     return table, measured
 
 
@@ -431,17 +433,21 @@ def latency_build(
     input_size: InputSizeOpt = None,
     batch: Annotated[int, typer.Option(help="batch size the table is for")] = 1,
     latency_backend: LatencyBackendOpt = "torch",
+    recalibrate: Annotated[bool, typer.Option(help="time the model whole again and replace its stored calibration (the fit "
+                                              "of the entries to whole-network latency that later jobs reuse)")] = False,
 ) -> None:
-    """Measure (or reuse) the table for this machine, stored in the database; Ctrl-C keeps what was measured."""
+    """Measure (or reuse) the table for this machine, stored in the database, and calibrate it for the
+    model (once: later jobs and inspections reuse the fit); Ctrl-C keeps what was measured."""
     import torch
 
     settings = get_settings()
     torch.set_num_threads(settings.threads)
     m = _open_model(model, weights, input_size, None, None)
     arch = m.source.ref
-    table, todo = _latency_table(PruningGraph(m.dense, m.size), m.dense, latency_backend, batch, settings.threads)
+    table, todo = _latency_table(PruningGraph(m.dense, m.size), m.dense, latency_backend, batch, settings.threads, recalibrate)
     info = table.summary()
-    console.print(f"{arch}: {info['entries']} entries on {info['device']} ({todo} measured now); dense {info['dense_ms']:.2f} ms "
+    console.print(f"{arch}: {info['entries']} entries on {info['device']} ({todo} measured now); calibration {info['calibration']}: "
+                  f"dense {info['dense_ms']:.2f} ms "
                   f"= {info['remainder_ms']:.2f} ms fixed + {info['scale']:.2f} x layer entries"
                   + (f" (+ {info['penalty_ms']:.2f} ms with every layer off multiples of {info['alignment']})" if info["alignment"] != 1 else ""))
 
@@ -507,7 +513,7 @@ def devices_list() -> None:
 
 @devices_app.command("remove")
 def devices_remove(name: str,
-                   keep_table: Annotated[bool, typer.Option(help="keep the device's latency-table entries (a device declared "
+                   keep_table: Annotated[bool, typer.Option(help="keep the device's latency-table entries and calibrations (a device declared "
                                                                   "again under this name with the same fingerprint reuses them)")] = False) -> None:
     """Remove a device: its measurement tasks, its keys (revoked) and its latency table. Refused while
     an unfinished job targets it."""

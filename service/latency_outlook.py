@@ -22,6 +22,10 @@ from .db.store import JobStore
 from .latency_store import SqlLatencyStore
 from .settings import Settings
 
+# An inspection's outlook calibrates within a request when no calibration is stored: half the runs
+# of a job's, and not kept (the job's own, at full precision, is what later jobs reuse).
+OUTLOOK_REPEATS = 20
+
 
 def worker_threads(settings: Settings) -> int:
     """The intra-op threads a worker times with (what its tables are keyed by)."""
@@ -50,13 +54,13 @@ def stored_table(pruner: Pruner, target: LatencyTarget, batch_size: int, setting
 def outlook(pruner: Pruner, target: LatencyTarget, budget: Budget | None, settings: Settings) -> tuple[dict[str, Any] | None, str | None, list[str]]:
     """(the latency outlook as JSON, why it is missing, the budget's latency problems) from a stored table.
 
-    The table is calibrated here (a few seconds of whole-network timing, as the dense latency
-    figure of the report already takes)."""
+    The table's stored calibration for the model is used; without one it is calibrated here (a few
+    seconds of whole-network timing, as the dense latency figure of the report already takes)."""
     latency = budget.get("latency") if budget is not None else None
     table, note = stored_table(pruner, target, latency.batch_size if latency is not None else 1, settings)
     if table is None:
         return None, note, []
-    table.calibrate(repeats=20)
+    table.calibrated(repeats=settings.calibration_repeats or OUTLOOK_REPEATS, keep=False)
     problems = latency_problems(pruner, table, budget) if budget is not None else []
     return latency_outlook(pruner, table, budget).to_dict(), None, problems
 

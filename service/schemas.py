@@ -317,7 +317,9 @@ class InspectPublic(BaseModel):
     latency: dict[str, Any] | None = Field(
         default=None, description="with a `target`: backend, device fingerprint, dense_ms, floor_speedup, will_speed_up, verdict "
                                   "('pruning will not make this faster on this target' under 1.05x), uniform_speedup and "
-                                  "stepped_speedup at the budget, and each layer's latency curve (counts, ms); null without a target")
+                                  "stepped_speedup at the budget, calibration ('stored': the fit an earlier job or "
+                                  "`latency build` of this model on the target stored; 'measured': timed now) and each "
+                                  "layer's latency curve (counts, ms); null without a target")
     latency_note: str | None = Field(default=None, description="why `latency` is missing although a target was given")
 
 

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
                                             description="uploaded weights loaded at once to validate them, per API process "
                                                         "(each loads the whole file into memory); further submissions "
                                                         "wait their turn")
+    calibration_repeats: int | None = Field(
+        default=None, ge=1,
+        description="whole-network runs per network when a latency table is calibrated against the dense model "
+                    "(jobs, `prunepilot latency build`, `inspect --latency`); fewer is faster and noisier "
+                    "(default: 40, and 20 for an inspection's outlook)")
     job_max_attempts: int = Field(default=3, ge=1, description="runs of a job whose worker died, before it fails")
     max_active_jobs_per_key: int | None = Field(
         default=50, ge=1,

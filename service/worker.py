@@ -123,6 +123,7 @@ def _execute(job_id: str, me: str, problem: dict[str, Any], settings: Settings, 
         on_finetune_step=_FinetuneProgress(store, job_id),
         device=device,
         gpu_eval_batch=settings.gpu_eval_batch,
+        calibration_repeats=settings.calibration_repeats,
     )
     result = run_pipeline(session.pruner, session.splits, config, hooks, spec.arch)
     final, report = result.final, result.report

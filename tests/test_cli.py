@@ -48,7 +48,8 @@ def run_cli_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyP
 def cli_env(tmp_path: Path) -> dict[str, str]:
     # one torch thread: two threads on a loaded two-core machine wait on each other (a ResNet-20
     # forward went from 3 ms to 940 ms here), which made the prune and latency tests take minutes
-    return {"PRUNEPILOT_DATA_DIR": str(tmp_path / "data"), "PRUNEPILOT_THREADS": "1"}
+    # and few calibration runs: the tests check what is measured and stored, not the fit's precision
+    return {"PRUNEPILOT_DATA_DIR": str(tmp_path / "data"), "PRUNEPILOT_THREADS": "1", "PRUNEPILOT_CALIBRATION_REPEATS": "3"}
 
 
 def test_profile_lists_prunable_layers(resnet20_weights: Path, cli_env) -> None:
@@ -155,8 +156,9 @@ def test_serve_refuses_an_unmigrated_database(tmp_path: Path, cli_env) -> None:
 
 
 def test_latency_table_cli_measures_what_is_missing_then_reuses(tmp_path: Path, cli_env) -> None:
-    """`latency build` times the entries this machine's table lacks and stores them; the next build
-    (another architecture with the same layer signatures) times none. All but five entries are
+    """`latency build` times the entries this machine's table lacks and stores them, and the model's
+    calibration; the next build (another architecture with the same layer signatures) times no
+    entry but calibrates its own network; `inspect` of the first model reuses its calibration. All but five entries are
     stored beforehand, so the real timing stays short."""
     from prunepilot.compression import PruningGraph, build_model
     from prunepilot.compression.latency import LatencyTable
@@ -172,13 +174,14 @@ def test_latency_table_cli_measures_what_is_missing_then_reuses(tmp_path: Path, 
     table.store.put(table.device, {sig: (0.05, 1) for *_, sig in todo[5:]})
     first = run_cli("latency", "build", "--arch", "resnet20", env_extra=cli_env)
     assert first.returncode == 0, first.stderr
-    assert "(5 measured now)" in first.stdout
+    assert "(5 measured now); calibration measured" in first.stdout
     assert table.missing() == []
     measured = SqlLatencyStore(JobStore(settings.db_url)).get(table.device)
     assert all(measured[sig] > 0 for *_, sig in todo[:5])
     again = run_cli("latency", "build", "--arch", "resnet32", env_extra=cli_env)  # same layer signatures
-    assert again.returncode == 0 and "(0 measured now)" in again.stdout
+    assert again.returncode == 0 and "(0 measured now); calibration measured" in again.stdout  # another network
     report = run_cli("inspect", "--model", "resnet20", "--latency", "--json", env_extra=cli_env)  # the stored table gives the floor
     assert report.returncode == 0, report.stderr
+    assert json.loads(report.stdout)["latency"]["calibration"] == "stored"  # the first build's fit of resnet20
     floors = json.loads(report.stdout)["floors"]
     assert 0 < floors["latency"] < 1 and set(floors) == {"flops", "params", "size", "latency"}

@@ -21,7 +21,7 @@ from prunepilot.service.auth import create_key
 from prunepilot.service.db import repo
 from prunepilot.service.db.engine import read_scope, session_scope
 from prunepilot.service.db.lifecycle import JobStatus
-from prunepilot.service.db.models import LatencyEntry
+from prunepilot.service.db.models import LatencyCalibration, LatencyEntry
 from prunepilot.service.db.store import JobStore
 from prunepilot.service.device_agent import AgentConfig, DeviceAgent, pack_models
 from prunepilot.service.remote_backend import RemoteBackend
@@ -248,6 +248,7 @@ def test_keys_create_device_declares_the_device_and_scopes_the_key(tmp_path: Pat
                                                               "spec": {}, "payload": b"zip"}])
         for name in ("board-1", "board-10"):
             repo.put_latency_entries(s, device=f"device={name}|fp|batch=1", entries={"sig": (1.0, 3)})
+            repo.put_latency_calibration(s, device=f"device={name}|fp|batch=1", model_key="m", calibration={"scale": 1.0})
         repo.create_job(s, job_id="j1", agent="uniform", arch="resnet20", dataset="cifar10-jpeg", problem_key="0" * 16,
                         problem={"spec": {"target": {"device": "board-1"}}})
     code, out, _ = cli("devices", "list")
@@ -262,6 +263,7 @@ def test_keys_create_device_declares_the_device_and_scopes_the_key(tmp_path: Pat
     with read_scope(url) as s:
         assert [d.name for d in repo.list_devices(s)] == ["board-10"]
         assert [e.device for e in s.query(LatencyEntry).all()] == ["device=board-10|fp|batch=1"]
+        assert [c.device for c in s.query(LatencyCalibration).all()] == ["device=board-10|fp|batch=1"]
     code, _, err = cli("devices", "remove", "board-1")
     assert code == 2 and "no device 'board-1'" in err
     get_settings.cache_clear()

@@ -201,6 +201,67 @@ def test_saved_calibration_restores_only_onto_the_same_entries(table20: LatencyT
         other.restore_calibration({"scale": 1.0, "remainder_ms": 0.0})
 
 
+class CountingClock(FakeClock):
+    """The fake clock, counting whole-network timings (a calibration makes many)."""
+
+    networks = 0
+
+    def measure(self, models, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        self.networks += len(models)
+        return super().measure(models, *args, **kwargs)
+
+
+def test_a_calibration_is_stored_per_model_and_reused(pruner20: Pruner, db_url: str, tmp_path: Path) -> None:
+    """The first table of a model on a device calibrates and stores the fit; a later table of that
+    model there (another job) restores it without timing a network; another model, a rebuilt
+    table (other entries) or a refresh calibrates again. Both stores keep them."""
+    from prunepilot.service.db.migrate import upgrade
+    from prunepilot.service.db.store import JobStore
+    from prunepilot.service.latency_store import SqlLatencyStore
+
+    upgrade(db_url)
+    for store in (FileLatencyStore(tmp_path / "lut.json"), SqlLatencyStore(JobStore(db_url))):
+        def table_of(pruner: Pruner, clock: CountingClock, store: LatencyStore = store) -> LatencyTable:
+            table = fake_table(pruner, store, clock, batch_size=1, threads=2)
+            table.build(warmup=1, repeats=3)
+            table.load()
+            return table
+
+        first_clock, second_clock = CountingClock(), CountingClock()
+        first = table_of(pruner20, first_clock)
+        dense = first.calibrated(repeats=3)
+        assert first.calibration_source == "measured" and first_clock.networks > 0
+        second = table_of(pruner20, second_clock)
+        assert second.calibrated(repeats=3) == pytest.approx(dense)
+        assert second.calibration_source == "stored" and second_clock.networks == 0
+        kept = pruner20.graph.channels * 3 // 4
+        assert second.predict(kept) == pytest.approx(first.predict(kept))
+        assert second.summary()["calibration"] == "stored"
+
+        refreshed = table_of(pruner20, refresh_clock := CountingClock())
+        refreshed.calibrated(repeats=3, refresh=True)
+        assert refreshed.calibration_source == "measured" and refresh_clock.networks > 0
+
+        other = Pruner(build_model("resnet32"), "resnet32", 10, 32)  # the same layer signatures, another network
+        other_table = table_of(other, other_clock := CountingClock())
+        assert other_table.model_key() != first.model_key()
+        other_table.calibrated(repeats=3)
+        assert other_table.calibration_source == "measured" and other_clock.networks > 0
+
+        preview = table_of(other, CountingClock())
+        preview.calibrated(repeats=3, refresh=True, keep=False)  # not stored: the stored one stays
+        assert store.get_calibration(other_table.device, other_table.model_key()) == json.loads(json.dumps(other_table.calibration))
+
+    # a table measured elsewhere (every entry twice as fast) does not take the old fit
+    blob = json.loads((tmp_path / "lut.json").read_text())
+    (tmp_path / "fast.json").write_text(json.dumps({d: {s: [v[0] / 2, v[1]] for s, v in e.items()} for d, e in blob.items()}))
+    (tmp_path / "fast.calibrations.json").write_text((tmp_path / "lut.calibrations.json").read_text())
+    rebuilt = fake_table(pruner20, FileLatencyStore(tmp_path / "fast.json"), CountingClock(), batch_size=1, threads=2)
+    rebuilt.load()
+    rebuilt.calibrated(repeats=3)
+    assert rebuilt.calibration_source == "measured"
+
+
 def test_the_real_clocks_build_a_usable_table(pruner20: Pruner, tmp_path: Path) -> None:
     """The default clocks, briefly (a coarse grid, few repeats): only what noise cannot change is
     asserted, that every entry and the fit are positive, finite times and the table predicts. One

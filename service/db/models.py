@@ -143,6 +143,20 @@ class LatencyEntry(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class LatencyCalibration(Base):
+    """A latency table's fit to whole-network timings (LatencyTable.calibration) for one model
+    structure on one device, reused by later jobs and inspections of that model there."""
+
+    __tablename__ = "latency_calibrations"
+    __table_args__ = (UniqueConstraint("device", "model_key", name="uq_latency_calibration_device_model"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    device: Mapped[str] = mapped_column(String(300))
+    model_key: Mapped[str] = mapped_column(String(64))
+    calibration: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Device(Base):
     """A latency target reached through a device agent. Declared with its first key
     (``prunepilot keys create --device NAME``); the agent registers its fingerprint and backend."""

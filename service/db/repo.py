@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from prunepilot.agents import TrialRecord
 
 from .lifecycle import ACTIVE, IN_WORKER, JobStatus, sources
-from .models import ApiKey, Artifact, Device, DeviceTask, Job, LatencyEntry, Trial, Upload, utcnow
+from .models import ApiKey, Artifact, Device, DeviceTask, Job, LatencyCalibration, LatencyEntry, Trial, Upload, utcnow
 
 # ------------------------------------------------------------------ jobs
 
@@ -296,6 +296,17 @@ def put_latency_entries(session: Session, *, device: str, entries: dict[str, tup
     return cast(CursorResult[Any], session.execute(stmt)).rowcount or 0
 
 
+def latency_calibration(session: Session, *, device: str, model_key: str) -> dict[str, Any] | None:
+    stmt = select(LatencyCalibration.calibration).where(LatencyCalibration.device == device, LatencyCalibration.model_key == model_key)
+    return session.scalar(stmt)
+
+
+def put_latency_calibration(session: Session, *, device: str, model_key: str, calibration: dict[str, Any]) -> None:
+    """Store a calibration, replacing the one before (a recalibration is the newer measurement)."""
+    session.execute(delete(LatencyCalibration).where(LatencyCalibration.device == device, LatencyCalibration.model_key == model_key))
+    session.add(LatencyCalibration(device=device, model_key=model_key, calibration=calibration))
+
+
 # ------------------------------------------------------------------ API keys
 
 
@@ -469,7 +480,8 @@ def active_jobs_on_device(session: Session, *, device: str) -> list[str]:
 
 def delete_device(session: Session, *, device_id: int, name: str, entry_prefix: str | None) -> dict[str, int]:
     """A device's row, its measurement tasks, its keys (revoked) and, with ``entry_prefix``, the
-    latency-table entries whose key starts with it; the count of each."""
+    latency-table entries and calibrations whose key starts with it; the count of each (entries:
+    the table entries)."""
     tasks = cast(CursorResult[Any], session.execute(delete(DeviceTask).where(DeviceTask.device_id == device_id))).rowcount or 0
     keys = cast(CursorResult[Any], session.execute(
         update(ApiKey).where(ApiKey.scope == "device", ApiKey.device == name, ApiKey.revoked_at.is_(None))
@@ -478,6 +490,7 @@ def delete_device(session: Session, *, device_id: int, name: str, entry_prefix: 
     if entry_prefix is not None:
         entries = cast(CursorResult[Any], session.execute(
             delete(LatencyEntry).where(LatencyEntry.device.startswith(entry_prefix, autoescape=True)))).rowcount or 0
+        session.execute(delete(LatencyCalibration).where(LatencyCalibration.device.startswith(entry_prefix, autoescape=True)))
     session.execute(delete(Device).where(Device.id == device_id))
     return {"tasks": tasks, "keys_revoked": keys, "entries": entries}
 

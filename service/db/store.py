@@ -90,6 +90,14 @@ class JobStore:
         with self.write() as s:
             repo.put_latency_entries(s, device=device, entries=entries)
 
+    def latency_calibration(self, device: str, model_key: str) -> dict[str, Any] | None:
+        with self.read() as s:
+            return repo.latency_calibration(s, device=device, model_key=model_key)
+
+    def put_latency_calibration(self, device: str, model_key: str, calibration: dict[str, Any]) -> None:
+        with self.write() as s:
+            repo.put_latency_calibration(s, device=device, model_key=model_key, calibration=calibration)
+
     # ------------------------------------------------------------------ dispatcher side
 
     def active(self) -> list[tuple[str, JobStatus, datetime | None, bool]]:
