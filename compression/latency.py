@@ -377,16 +377,13 @@ class LatencyTable:
 
     def _alignment_probes(self, keep: float = 0.75) -> list[np.ndarray]:
         """Networks with every layer at about ``keep`` of its channels: once on odd counts (off every
-        alignment), then on multiples of each of :data:`ALIGNMENTS` (a layer too narrow for one
-        block stays whole). Measured with the others, they show whether counts off a block cost more."""
+        alignment), then on multiples of each of :data:`ALIGNMENTS` (:func:`on_block`: at least one
+        block; a layer too narrow for one stays whole). Measured with the others, they show whether
+        counts off a block cost more."""
         channels = self.graph.channels.astype(np.int64)
         base = np.maximum(1, np.floor(keep * channels)).astype(np.int64)
         odd = np.minimum(np.maximum(1, np.where(base % 2 == 0, base - 1, base)), channels)
-        out = [odd]
-        for q in ALIGNMENTS:
-            aligned = (base // q) * q
-            out.append(np.where(aligned >= q, aligned, channels))
-        return out
+        return [odd] + [on_block(base, channels, q) for q in ALIGNMENTS]
 
     def misaligned(self, kept: np.ndarray, alignment: int | None = None) -> float:
         """The share of prunable layers whose kept count is off a multiple of ``alignment`` (default:

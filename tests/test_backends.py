@@ -425,6 +425,37 @@ def test_the_calibration_also_times_its_profiles_on_every_candidate_block(resnet
     assert len(on_blocks) >= 5, sorted(on_blocks)  # 3 uniform + 3 random profiles, rounded (two may coincide)
 
 
+class OddNet(nn.Module):
+    """Layers of 20 and 12 channels: 75 % of 20 is under one block of 16, and 12 is narrower than one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1, bias=False), nn.BatchNorm2d(20), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(20, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.b(self.a(x)), 1), 1))
+
+
+def test_the_alignment_probes_sit_on_their_blocks(tmp_path: Path) -> None:
+    """The networks that tell one alignment from another have every layer on a multiple of it (at
+    least one block), or whole where the layer is narrower than a block; and one network has every
+    layer off all of them. A 20-channel layer at 75 % (15) goes to 16 for the alignment 16, not
+    back to 20, which is off the block it is meant to show."""
+    from prunepilot.compression.latency import ALIGNMENTS
+
+    torch.manual_seed(0)
+    pruner = Pruner(OddNet().eval(), "odd", 10, 16)
+    channels = [int(c) for c in pruner.graph.channels]
+    table = clock_table(pruner, tmp_path, FakeClock())
+    odd, *aligned = (list(map(int, k)) for k in table._alignment_probes())
+    assert all(k % 2 == 1 for k in odd)
+    for q, kept in zip(ALIGNMENTS, aligned, strict=True):
+        assert all((k % q == 0 and q <= k <= c) or k == c < q for k, c in zip(kept, channels, strict=True)), (q, kept, channels)
+    assert dict(zip(ALIGNMENTS, aligned, strict=True))[16][channels.index(20)] == 16
+
+
 def test_round_to_measured_is_validated() -> None:
     with pytest.raises(StrategyError, match="positive integer or 'measured'"):
         PruningConstraints(round_to="fastest")  # type: ignore[arg-type]
