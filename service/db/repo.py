@@ -302,9 +302,12 @@ def latency_calibration(session: Session, *, device: str, model_key: str) -> dic
 
 
 def put_latency_calibration(session: Session, *, device: str, model_key: str, calibration: dict[str, Any]) -> None:
-    """Store a calibration, replacing the one before (a recalibration is the newer measurement)."""
-    session.execute(delete(LatencyCalibration).where(LatencyCalibration.device == device, LatencyCalibration.model_key == model_key))
-    session.add(LatencyCalibration(device=device, model_key=model_key, calibration=calibration))
+    """Store a calibration, replacing the one before (a recalibration is the newer measurement; of
+    two jobs calibrating at once, the later write stays)."""
+    ins = sqlite_insert if session.get_bind().dialect.name == "sqlite" else pg_insert
+    stmt = ins(LatencyCalibration).values(device=device, model_key=model_key, calibration=calibration, created_at=utcnow())
+    session.execute(stmt.on_conflict_do_update(index_elements=["device", "model_key"],
+                                               set_={"calibration": stmt.excluded.calibration, "created_at": stmt.excluded.created_at}))
 
 
 # ------------------------------------------------------------------ API keys
