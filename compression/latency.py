@@ -337,13 +337,14 @@ class LatencyTable:
         return self.refit()
 
     def model_key(self) -> str:
-        """What a calibration depends on beyond this table's entries and device: the dense model's
-        structure (its module tree, an FX graph's code) and input size, hashed."""
+        """What a calibration depends on beyond this table's entries and device, hashed: the dense
+        model's structure (its module tree, an FX graph's code), its input size and its prunable
+        layers (the probes prune them, and the alignment penalty is per prunable layer)."""
         h = hashlib.sha256(repr(self.model).encode())
         code = getattr(self.model, "code", None)  # onnx2torch and other FX graph modules: the forward itself
         if isinstance(code, str):
             h.update(code.encode())
-        h.update(f"|input={self.graph.input_size}".encode())
+        h.update(f"|input={self.graph.input_size}|layers={','.join(layer.name for layer in self.graph.layers)}".encode())
         return h.hexdigest()
 
     def calibrated(self, repeats: int | None = None, refresh: bool = False, keep: bool = True) -> float:

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers.clock import REMAINDER_MS, FakeClock, layer_ms
+from torch import nn
 
-from prunepilot.compression import PrunePilotError, Pruner, build_model
+from prunepilot.compression import PrunePilotError, Pruner, PruningConstraints, build_model
 from prunepilot.compression.latency import FileLatencyStore, LatencyStore, LatencyTable, channel_grid
 
 # Real timings are noise (a busy machine made 30 channels time faster than 12): the table's logic
@@ -211,55 +213,69 @@ class CountingClock(FakeClock):
         return super().measure(models, *args, **kwargs)
 
 
-def test_a_calibration_is_stored_per_model_and_reused(pruner20: Pruner, db_url: str, tmp_path: Path) -> None:
+class TwoConvs(nn.Module):
+    def __init__(self, width: int = 16, head: int = 10) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(width, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
+        self.fc = nn.Linear(32, head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.b(self.a(x)), 1), 1))
+
+
+@pytest.mark.parametrize("store_kind", ["file", "sql"])
+def test_a_calibration_is_stored_per_model_and_reused(store_kind: str, tmp_path: Path) -> None:
     """The first table of a model on a device calibrates and stores the fit; a later table of that
-    model there (another job) restores it without timing a network; another model, a rebuilt
-    table (other entries) or a refresh calibrates again. Both stores keep them."""
+    model there (another job) restores it without timing a network; another model (the same convs,
+    another head), other prunable layers, a rebuilt table (other entries) or a refresh calibrate
+    again; a preview (keep=False) leaves the stored fit alone."""
     from prunepilot.service.db.migrate import upgrade
     from prunepilot.service.db.store import JobStore
     from prunepilot.service.latency_store import SqlLatencyStore
 
-    upgrade(db_url)
-    for store in (FileLatencyStore(tmp_path / "lut.json"), SqlLatencyStore(JobStore(db_url))):
-        def table_of(pruner: Pruner, clock: CountingClock, store: LatencyStore = store) -> LatencyTable:
-            table = fake_table(pruner, store, clock, batch_size=1, threads=2)
-            table.build(warmup=1, repeats=3)
-            table.load()
-            return table
+    if store_kind == "sql":
+        upgrade(url := f"sqlite:///{tmp_path / 'db.sqlite'}")
+        store: LatencyStore = SqlLatencyStore(JobStore(url))
+    else:
+        store = FileLatencyStore(tmp_path / "lut.json")
+    torch.manual_seed(0)
+    net = TwoConvs().eval()
 
-        first_clock, second_clock = CountingClock(), CountingClock()
-        first = table_of(pruner20, first_clock)
-        dense = first.calibrated(repeats=3)
-        assert first.calibration_source == "measured" and first_clock.networks > 0
-        second = table_of(pruner20, second_clock)
-        assert second.calibrated(repeats=3) == pytest.approx(dense)
-        assert second.calibration_source == "stored" and second_clock.networks == 0
-        kept = pruner20.graph.channels * 3 // 4
-        assert second.predict(kept) == pytest.approx(first.predict(kept))
-        assert second.summary()["calibration"] == "stored"
+    def table_of(pruner: Pruner, clock: CountingClock, into: LatencyStore = store) -> LatencyTable:
+        table = fake_table(pruner, into, clock, batch_size=1, threads=2)
+        table.build(warmup=1, repeats=3)
+        table.load()
+        return table
 
-        refreshed = table_of(pruner20, refresh_clock := CountingClock())
-        refreshed.calibrated(repeats=3, refresh=True)
-        assert refreshed.calibration_source == "measured" and refresh_clock.networks > 0
+    def calibrated(pruner: Pruner, into: LatencyStore = store, **kw) -> tuple[LatencyTable, int]:  # type: ignore[no-untyped-def]
+        table = table_of(pruner, clock := CountingClock(), into)
+        table.calibrated(repeats=3, **kw)
+        return table, clock.networks
 
-        other = Pruner(build_model("resnet32"), "resnet32", 10, 32)  # the same layer signatures, another network
-        other_table = table_of(other, other_clock := CountingClock())
-        assert other_table.model_key() != first.model_key()
-        other_table.calibrated(repeats=3)
-        assert other_table.calibration_source == "measured" and other_clock.networks > 0
+    first, timed = calibrated(Pruner(net, "two", 10, 8))
+    assert first.calibration_source == "measured" and timed > 0
+    second, timed = calibrated(Pruner(copy.deepcopy(net), "two", 10, 8))
+    assert second.calibration_source == "stored" and timed == 0 and second.summary()["calibration"] == "stored"
+    kept = first.graph.channels * 3 // 4
+    assert second.dense_ms == pytest.approx(first.dense_ms) and second.predict(kept) == pytest.approx(first.predict(kept))
+    assert calibrated(Pruner(net, "two", 10, 8), refresh=True)[0].calibration_source == "measured"
 
-        preview = table_of(other, CountingClock())
-        preview.calibrated(repeats=3, refresh=True, keep=False)  # not stored: the stored one stays
-        assert store.get_calibration(other_table.device, other_table.model_key()) == json.loads(json.dumps(other_table.calibration))
+    other_head, timed = calibrated(Pruner(TwoConvs(head=7).eval(), "two", 7, 8))
+    assert other_head.calibration_source == "measured" and timed > 0 and other_head.model_key() != first.model_key()
+    fewer = calibrated(Pruner(net, "two", 10, 8, PruningConstraints(exclude=("a.0",))))[0]
+    assert fewer.calibration_source == "measured" and fewer.model_key() != first.model_key()
 
-    # a table measured elsewhere (every entry twice as fast) does not take the old fit
-    blob = json.loads((tmp_path / "lut.json").read_text())
-    (tmp_path / "fast.json").write_text(json.dumps({d: {s: [v[0] / 2, v[1]] for s, v in e.items()} for d, e in blob.items()}))
-    (tmp_path / "fast.calibrations.json").write_text((tmp_path / "lut.calibrations.json").read_text())
-    rebuilt = fake_table(pruner20, FileLatencyStore(tmp_path / "fast.json"), CountingClock(), batch_size=1, threads=2)
-    rebuilt.load()
-    rebuilt.calibrated(repeats=3)
-    assert rebuilt.calibration_source == "measured"
+    preview = calibrated(Pruner(TwoConvs(width=24).eval(), "two", 10, 8), keep=False)[0]
+    assert preview.calibration_source == "measured" and store.get_calibration(preview.device, preview.model_key()) is None
+
+    if store_kind == "file":  # a table measured elsewhere (every entry twice as fast) does not take the old fit
+        blob = json.loads((tmp_path / "lut.json").read_text())
+        (tmp_path / "fast.json").write_text(json.dumps({d: {s: [v[0] / 2, v[1]] for s, v in e.items()} for d, e in blob.items()}))
+        (tmp_path / "fast.calibrations.json").write_text((tmp_path / "lut.calibrations.json").read_text())
+        fast = FileLatencyStore(tmp_path / "fast.json")
+        assert fast.get_calibration(first.device, first.model_key()) is not None
+        assert calibrated(Pruner(net, "two", 10, 8), into=fast)[0].calibration_source == "measured"
 
 
 def test_the_real_clocks_build_a_usable_table(pruner20: Pruner, tmp_path: Path) -> None:

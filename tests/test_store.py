@@ -14,7 +14,7 @@ from prunepilot.service.db.engine import StoreError, dispose_engines, get_engine
 from prunepilot.service.db.migrate import VERSION_TABLE, current_revision, downgrade, ensure_current, head_revision, upgrade
 from prunepilot.service.db.models import Base
 
-OUR_TABLES = {"api_keys", "uploads", "jobs", "job_trials", "artifacts", "latency_entries"}
+OUR_TABLES = {"api_keys", "uploads", "jobs", "job_trials", "artifacts", "latency_entries", "latency_calibrations"}
 
 
 def tables(url: str) -> set[str]:
@@ -69,6 +69,20 @@ def _trial(step: int, acc: float = 0.5) -> TrialRecord:
 def _make_job(url: str, job_id: str) -> None:
     with session_scope(url) as s:
         repo.create_job(s, job_id=job_id, agent="test", arch="resnet20", dataset="x", problem={}, problem_key="k")
+
+
+def test_a_stored_calibration_is_replaced_by_the_next_and_kept_apart_per_model_and_device(db_url: str) -> None:
+    """Two jobs calibrating one model at once both write; the later write stays, no unique-key error."""
+    upgrade(db_url)
+    with session_scope(db_url) as s:
+        repo.put_latency_calibration(s, device="dev", model_key="m", calibration={"scale": 1.0})
+    with session_scope(db_url) as s:
+        repo.put_latency_calibration(s, device="dev", model_key="m", calibration={"scale": 2.0})
+        repo.put_latency_calibration(s, device="dev", model_key="n", calibration={"scale": 3.0})
+    with session_scope(db_url) as s:
+        got = [repo.latency_calibration(s, device="dev", model_key=k) for k in ("m", "n")]
+        assert got == [{"scale": 2.0}, {"scale": 3.0}]
+        assert repo.latency_calibration(s, device="other", model_key="m") is None
 
 
 def test_trial_steps_are_unique_and_rewrites_are_idempotent(db_url: str) -> None:
