@@ -119,7 +119,7 @@ def compress(
                             final=FinalConfig(finetune=FinetuneConfig(epochs=finetune, seed=seed)))
     recorder = MemoryRecorder()
     hooks = PipelineHooks(recorder=recorder, latency_store=_latency_store(storage), score=evaluate, device=compute,
-                          gpu_eval_batch=settings.gpu_eval_batch)
+                          gpu_eval_batch=settings.gpu_eval_batch, calibration_repeats=settings.calibration_repeats)
     result = run_pipeline(pruner, splits, config, hooks, pruner.arch)
     assert result.search.best is not None  # run_pipeline raises when the search found nothing within the budget
     job_id = _store(storage, name, config, result.report, recorder, pruner.arch) if storage else None

@@ -111,6 +111,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Few whole-network runs per latency calibration, in every server, worker and CLI the tests
+    # start: they check what is measured, stored and reused, not the fit's precision (the
+    # calibration's logic is tested on fake clocks with explicit repeats).
+    os.environ.setdefault("PRUNEPILOT_CALIBRATION_REPEATS", "3")
 
 
 @pytest.fixture()

@@ -48,8 +48,7 @@ def run_cli_here(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyP
 def cli_env(tmp_path: Path) -> dict[str, str]:
     # one torch thread: two threads on a loaded two-core machine wait on each other (a ResNet-20
     # forward went from 3 ms to 940 ms here), which made the prune and latency tests take minutes
-    # and few calibration runs: the tests check what is measured and stored, not the fit's precision
-    return {"PRUNEPILOT_DATA_DIR": str(tmp_path / "data"), "PRUNEPILOT_THREADS": "1", "PRUNEPILOT_CALIBRATION_REPEATS": "3"}
+    return {"PRUNEPILOT_DATA_DIR": str(tmp_path / "data"), "PRUNEPILOT_THREADS": "1"}
 
 
 def test_profile_lists_prunable_layers(resnet20_weights: Path, cli_env) -> None:
