@@ -58,9 +58,7 @@ class FileLatencyStore:
         self.calibrations_path = self.path.with_name(f"{self.path.stem}.calibrations.json")
 
     def _load(self) -> dict[str, dict[str, list[float]]]:
-        if not self.path.is_file():
-            return {}
-        return json.loads(self.path.read_text())
+        return _read_json(self.path)
 
     def get(self, device: str) -> dict[str, float]:
         return {sig: float(v[0]) for sig, v in self._load().get(device, {}).items()}
@@ -73,14 +71,16 @@ class FileLatencyStore:
         _write_json(self.path, blob)
 
     def get_calibration(self, device: str, model_key: str) -> dict[str, Any] | None:
-        if not self.calibrations_path.is_file():
-            return None
-        return json.loads(self.calibrations_path.read_text()).get(device, {}).get(model_key)
+        return _read_json(self.calibrations_path).get(device, {}).get(model_key)
 
     def put_calibration(self, device: str, model_key: str, calibration: Mapping[str, Any]) -> None:
-        blob = json.loads(self.calibrations_path.read_text()) if self.calibrations_path.is_file() else {}
+        blob = _read_json(self.calibrations_path)
         blob.setdefault(device, {})[model_key] = dict(calibration)  # a recalibration replaces the one before
         _write_json(self.calibrations_path, blob)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _write_json(path: Path, blob: object) -> None:

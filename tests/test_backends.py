@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.clock import REMAINDER_MS, FakeClock
+from helpers.nets import TwoConvs
 from torch import nn
 
 from prunepilot.compression import PrunePilotError, Pruner, PruningConstraints, StrategyError
@@ -38,20 +39,9 @@ from prunepilot.compression.latency import FileLatencyStore, LatencyTable
 from prunepilot.compression.measure import Latency
 
 
-class TinyNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.fc = nn.Linear(16, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.b(self.a(x)), 1), 1))
-
-
 def tiny_pruner() -> Pruner:
     torch.manual_seed(0)
-    return Pruner(TinyNet().eval(), "tiny", 10, 16)
+    return Pruner(TwoConvs(8, 16).eval(), "tiny", 10, 16)
 
 
 class ShapedClock(FakeClock):
@@ -425,19 +415,6 @@ def test_the_calibration_also_times_its_profiles_on_every_candidate_block(resnet
     assert len(on_blocks) >= 5, sorted(on_blocks)  # 3 uniform + 3 random profiles, rounded (two may coincide)
 
 
-class OddNet(nn.Module):
-    """Layers of 20 and 12 channels: 75 % of 20 is under one block of 16, and 12 is narrower than one."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, 20, 3, padding=1, bias=False), nn.BatchNorm2d(20), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(20, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
-        self.fc = nn.Linear(12, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.b(self.a(x)), 1), 1))
-
-
 def test_the_alignment_probes_sit_on_their_blocks(tmp_path: Path) -> None:
     """The networks that tell one alignment from another have every layer on a multiple of it (at
     least one block), or whole where the layer is narrower than a block; and one network has every
@@ -446,7 +423,7 @@ def test_the_alignment_probes_sit_on_their_blocks(tmp_path: Path) -> None:
     from prunepilot.compression.latency import ALIGNMENTS
 
     torch.manual_seed(0)
-    pruner = Pruner(OddNet().eval(), "odd", 10, 16)
+    pruner = Pruner(TwoConvs(20, 12).eval(), "odd", 10, 16)  # 75 % of 20 is under one block of 16; 12 is narrower
     channels = [int(c) for c in pruner.graph.channels]
     table = clock_table(pruner, tmp_path, FakeClock())
     odd, *aligned = (list(map(int, k)) for k in table._alignment_probes())

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers.clock import REMAINDER_MS, FakeClock, layer_ms
-from torch import nn
+from helpers.nets import TwoConvs
 
 from prunepilot.compression import PrunePilotError, Pruner, PruningConstraints, build_model
 from prunepilot.compression.latency import FileLatencyStore, LatencyStore, LatencyTable, channel_grid
@@ -213,17 +213,6 @@ class CountingClock(FakeClock):
         return super().measure(models, *args, **kwargs)
 
 
-class TwoConvs(nn.Module):
-    def __init__(self, width: int = 16, head: int = 10) -> None:
-        super().__init__()
-        self.a = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.b = nn.Sequential(nn.Conv2d(width, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        self.fc = nn.Linear(32, head)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.b(self.a(x)), 1), 1))
-
-
 @pytest.mark.parametrize("store_kind", ["file", "sql"])
 def test_a_calibration_is_stored_per_model_and_reused(store_kind: str, tmp_path: Path) -> None:
     """The first table of a model on a device calibrates and stores the fit; a later table of that
@@ -240,7 +229,7 @@ def test_a_calibration_is_stored_per_model_and_reused(store_kind: str, tmp_path:
     else:
         store = FileLatencyStore(tmp_path / "lut.json")
     torch.manual_seed(0)
-    net = TwoConvs().eval()
+    net = TwoConvs(16, 32).eval()
 
     def table_of(pruner: Pruner, clock: CountingClock, into: LatencyStore = store) -> LatencyTable:
         table = fake_table(pruner, into, clock, batch_size=1, threads=2)
@@ -261,12 +250,12 @@ def test_a_calibration_is_stored_per_model_and_reused(store_kind: str, tmp_path:
     assert second.dense_ms == pytest.approx(first.dense_ms) and second.predict(kept) == pytest.approx(first.predict(kept))
     assert calibrated(Pruner(net, "two", 10, 8), refresh=True)[0].calibration_source == "measured"
 
-    other_head, timed = calibrated(Pruner(TwoConvs(head=7).eval(), "two", 7, 8))
+    other_head, timed = calibrated(Pruner(TwoConvs(16, 32, classes=7).eval(), "two", 7, 8))
     assert other_head.calibration_source == "measured" and timed > 0 and other_head.model_key() != first.model_key()
     fewer = calibrated(Pruner(net, "two", 10, 8, PruningConstraints(exclude=("a.0",))))[0]
     assert fewer.calibration_source == "measured" and fewer.model_key() != first.model_key()
 
-    preview = calibrated(Pruner(TwoConvs(width=24).eval(), "two", 10, 8), keep=False)[0]
+    preview = calibrated(Pruner(TwoConvs(24, 32).eval(), "two", 10, 8), keep=False)[0]
     assert preview.calibration_source == "measured" and store.get_calibration(preview.device, preview.model_key()) is None
 
     if store_kind == "file":  # a table measured elsewhere (every entry twice as fast) does not take the old fit
