@@ -507,7 +507,7 @@ def devices_list() -> None:
     ensure_current(settings.db_url)
     for d in DeviceService(settings).list_devices(owner_id=None):
         state = "connected" if d.connected else ("registered" if d.fingerprint else "never registered")
-        console.print(f"{d.name}\t{d.backend or '-'}\t{state}\t{d.entries} entries\t{d.tasks['open']} open / {d.tasks['done']} done tasks"
+        console.print(f"{d.name}\t{d.backend or '-'}\t{state}\t{d.entries} entries\t{d.calibrations} calibrated model(s)\t{d.tasks['open']} open / {d.tasks['done']} done tasks"
                       f"\t{len(d.jobs)} job(s)", highlight=False)
 
 
@@ -528,7 +528,26 @@ def devices_remove(name: str,
         _fail(str(exc))
         return
     console.print(f"device {name} removed: {gone['tasks']} task(s), {gone['keys_revoked']} key(s) revoked, "
-                  f"{gone['entries']} latency-table entr{'y' if gone['entries'] == 1 else 'ies'}", highlight=False)
+                  f"{gone['entries']} latency-table entr{'y' if gone['entries'] == 1 else 'ies'}, "
+                  f"{gone['calibrations']} calibration{'' if gone['calibrations'] == 1 else 's'}", highlight=False)
+
+
+@devices_app.command("reset-calibrations")
+def devices_reset_calibrations(name: str) -> None:
+    """Forget the device's stored calibrations (its table entries stay): the next job or inspection of
+    each model on it times the model whole again, e.g. after one was calibrated while the board was busy."""
+    from .db.migrate import ensure_current
+    from .devices import DeviceService
+
+    settings = get_settings()
+    ensure_current(settings.db_url)
+    try:
+        gone = DeviceService(settings).reset_calibrations(name)
+    except PrunePilotError as exc:
+        _fail(str(exc))
+        return
+    console.print(f"device {name}: {gone} stored calibration{'' if gone == 1 else 's'} deleted; the next job or inspection of "
+                  f"a model on it calibrates that model again", highlight=False)
 
 
 @app.command("device-agent", add_help_option=False,

@@ -85,6 +85,15 @@ class DeviceService:
                                   f"({', '.join(active[:5])}): cancel them or let them finish first")
             return repo.delete_device(s, device_id=device.id, name=name, entry_prefix=None if keep_table else table_prefix(name))
 
+    def reset_calibrations(self, name: str) -> int:
+        """Delete the device's stored calibrations (every model, every fingerprint it had), keeping its
+        table entries: the next job or inspection of a model on it times that model whole again (a
+        calibration measured while the board was busy, say). A job already past its calibration
+        keeps the one it loaded. How many went."""
+        with session_scope(self.url) as s:
+            self._device(s, name)
+            return repo.delete_latency_calibrations(s, device_prefix=table_prefix(name))
+
     # ---------------------------------------------------------------- the agent's side
 
     def register(self, name: str, body: DeviceRegister, key_id: int | None) -> DevicePublic:
@@ -166,12 +175,14 @@ class DeviceService:
             return [self._public(s, d, owner_id) for d in repo.list_devices(s)]
 
     def _public(self, s: Any, d: Device, owner_id: int | None) -> DevicePublic:
-        entries = repo.latency_entry_count(s, device_prefix=table_prefix(d.name, d.fingerprint)) if d.fingerprint else 0
+        prefix = table_prefix(d.name, d.fingerprint) if d.fingerprint else None
+        entries = repo.latency_entry_count(s, device_prefix=prefix) if prefix else 0
+        calibrations = repo.latency_calibration_count(s, device_prefix=prefix) if prefix else 0
         jobs = [DeviceJob(id=j.id, name=j.name, status=JobStatus(j.status))
                 for j in repo.jobs_on_device(s, device=d.name, owner_id=owner_id)]
         return DevicePublic(name=d.name, backend=d.backend, fingerprint=d.fingerprint, info=dict(d.info or {}),
                             registered_at=d.registered_at, last_seen=d.last_seen, connected=connected(d, self.settings.device_lease_s),
-                            entries=entries, tasks=repo.device_task_counts(s, device_id=d.id), jobs=jobs)
+                            entries=entries, calibrations=calibrations, tasks=repo.device_task_counts(s, device_id=d.id), jobs=jobs)
 
 
 def _checked(task: DeviceTask, body: TaskResult) -> dict[str, Any]:

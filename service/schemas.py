@@ -409,5 +409,7 @@ class DevicePublic(BaseModel):
     last_seen: datetime | None
     connected: bool = Field(description="an agent was seen within the lease time (PRUNEPILOT_DEVICE_LEASE_S)")
     entries: int = Field(description="latency-table entries measured on this device (its current fingerprint)")
+    calibrations: int = Field(description="models whose calibration (the fit of the table to whole-network timings) is stored "
+                                          "for this device (its current fingerprint) and reused by later jobs and inspections")
     tasks: dict[str, int] = Field(description="measurement tasks: open (waiting or leased) and done")
     jobs: list[DeviceJob] = Field(description="your jobs whose latency target is this device, newest first (at most 20)")

@@ -187,8 +187,9 @@ def test_user_strings_render_as_text_under_the_csp(browser, reader: Server, mini
 
 def test_the_devices_panel_lists_devices_their_tables_and_jobs(browser, reader: Server, mini_zip: Path, resnet20_weights: Path) -> None:
     """Issue 22: each device with its agent's fingerprint (the agent's own string: shown as text), last
-    seen, table entries, and this user's jobs on it; a job waiting for its device says so."""
+    seen, table entries, calibrated models, and this user's jobs on it; a job waiting for its device says so."""
     from prunepilot.service.auth import create_key
+    from prunepilot.service.db import repo
     from prunepilot.service.db.engine import session_scope
     from prunepilot.service.db.models import Job
 
@@ -202,14 +203,16 @@ def test_the_devices_panel_lists_devices_their_tables_and_jobs(browser, reader: 
                                  budget={"constraints": [{"resource": "latency", "ratio": 0.8}]}), resnet20_weights, mini_zip)
     with session_scope(reader.db_url) as s:
         s.get(Job, job["id"]).phase = "waiting for device board"  # as the worker writes it (no dispatcher here)
+        for model in ("a", "b"):
+            repo.put_latency_calibration(s, device=f"device=board|cpu={XSS}|batch=1", model_key=model, calibration={})
     page = browser.new_page()
     page.add_init_script(WATCH_CSP)
     page.goto(f"{reader.url}/dashboard#key={key}")
     row = page.locator("#devices tbody tr").first
     row.wait_for(state="attached", timeout=15000)
     cells = row.locator("td").all_inner_texts()
-    assert cells[:4] == ["board", "connected", "onnxruntime", f"cpu={XSS}"] and cells[5] == "0"
-    assert cells[7].split() == ["on", "the", "board", "queued"]
+    assert cells[:4] == ["board", "connected", "onnxruntime", f"cpu={XSS}"] and cells[5:8] == ["0", "2", "0 / 0"]
+    assert cells[8].split() == ["on", "the", "board", "queued"]
     assert page.locator(f"tr[data-job='{job['id']}'] .phase").inner_text() == "waiting for device board"
     assert page.evaluate("() => window.__xss") is None and page.evaluate("() => window.__csp") == []
     page.close()

@@ -252,13 +252,27 @@ def test_keys_create_device_declares_the_device_and_scopes_the_key(tmp_path: Pat
         repo.create_job(s, job_id="j1", agent="uniform", arch="resnet20", dataset="cifar10-jpeg", problem_key="0" * 16,
                         problem={"spec": {"target": {"device": "board-1"}}})
     code, out, _ = cli("devices", "list")
-    assert code == 0 and "board-1 - never registered 0 entries 1 open / 0 done tasks 1 job(s)" in " ".join(out.split()), out
+    assert code == 0 and "board-1 - never registered 0 entries 0 calibrated model(s) 1 open / 0 done tasks 1 job(s)" in " ".join(out.split()), out
+
+    # `prunepilot devices reset-calibrations`: the device's calibrations go (not another device's),
+    # its table entries stay, and the unfinished job does not stop it
+    code, out, _ = cli("devices", "reset-calibrations", "board-1")
+    assert code == 0 and "device board-1: 1 stored calibration deleted" in " ".join(out.split()), out
+    with read_scope(url) as s:
+        assert [c.device for c in s.query(LatencyCalibration).all()] == ["device=board-10|fp|batch=1"]
+        assert {e.device for e in s.query(LatencyEntry).all()} == {"device=board-1|fp|batch=1", "device=board-10|fp|batch=1"}
+    code, out, _ = cli("devices", "reset-calibrations", "board-1")
+    assert code == 0 and "0 stored calibrations deleted" in out
+    code, _, err = cli("devices", "reset-calibrations", "board-2")
+    assert code == 2 and "no device 'board-2'" in err and "Traceback" not in err
+    with session_scope(url) as s:
+        repo.put_latency_calibration(s, device="device=board-1|fp|batch=1", model_key="m", calibration={"scale": 1.0})
     code, _, err = cli("devices", "remove", "board-1")
     assert code == 2 and "latency target of 1 unfinished job(s) (j1)" in " ".join(err.split()) and "Traceback" not in err
     with session_scope(url) as s:
         assert repo.move_job(s, job_id="j1", to=JobStatus.CANCELLED, allowed_from=frozenset({JobStatus.QUEUED}))
     code, out, _ = cli("devices", "remove", "board-1")
-    assert code == 0 and "device board-1 removed: 1 task(s), 1 key(s) revoked, 1 latency-table entry" in out, out
+    assert code == 0 and "device board-1 removed: 1 task(s), 1 key(s) revoked, 1 latency-table entry, 1 calibration" in out, out
     assert authenticate(url, principal_secret) is None  # its agent can no longer connect
     with read_scope(url) as s:
         assert [d.name for d in repo.list_devices(s)] == ["board-10"]

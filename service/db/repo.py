@@ -472,6 +472,18 @@ def latency_entry_count(session: Session, *, device_prefix: str) -> int:
     return int(session.scalar(stmt) or 0)
 
 
+def latency_calibration_count(session: Session, *, device_prefix: str) -> int:
+    """Stored calibrations (one per model) under any table key that starts with ``device_prefix``."""
+    stmt = select(func.count()).select_from(LatencyCalibration).where(LatencyCalibration.device.startswith(device_prefix, autoescape=True))
+    return int(session.scalar(stmt) or 0)
+
+
+def delete_latency_calibrations(session: Session, *, device_prefix: str) -> int:
+    """Delete the calibrations under any table key that starts with ``device_prefix``; how many went."""
+    stmt = delete(LatencyCalibration).where(LatencyCalibration.device.startswith(device_prefix, autoescape=True))
+    return cast(CursorResult[Any], session.execute(stmt)).rowcount or 0
+
+
 def _targets(device: str) -> ColumnElement[bool]:
     return Job.problem[("spec", "target", "device")].as_string() == device
 
@@ -483,19 +495,18 @@ def active_jobs_on_device(session: Session, *, device: str) -> list[str]:
 
 def delete_device(session: Session, *, device_id: int, name: str, entry_prefix: str | None) -> dict[str, int]:
     """A device's row, its measurement tasks, its keys (revoked) and, with ``entry_prefix``, the
-    latency-table entries and calibrations whose key starts with it; the count of each (entries:
-    the table entries)."""
+    latency-table entries and calibrations whose key starts with it; the count of each."""
     tasks = cast(CursorResult[Any], session.execute(delete(DeviceTask).where(DeviceTask.device_id == device_id))).rowcount or 0
     keys = cast(CursorResult[Any], session.execute(
         update(ApiKey).where(ApiKey.scope == "device", ApiKey.device == name, ApiKey.revoked_at.is_(None))
         .values(revoked_at=utcnow()))).rowcount or 0
-    entries = 0
+    entries = calibrations = 0
     if entry_prefix is not None:
         entries = cast(CursorResult[Any], session.execute(
             delete(LatencyEntry).where(LatencyEntry.device.startswith(entry_prefix, autoescape=True)))).rowcount or 0
-        session.execute(delete(LatencyCalibration).where(LatencyCalibration.device.startswith(entry_prefix, autoescape=True)))
+        calibrations = delete_latency_calibrations(session, device_prefix=entry_prefix)
     session.execute(delete(Device).where(Device.id == device_id))
-    return {"tasks": tasks, "keys_revoked": keys, "entries": entries}
+    return {"tasks": tasks, "keys_revoked": keys, "entries": entries, "calibrations": calibrations}
 
 
 def delete_network_tasks_finished_before(session: Session, *, before: datetime) -> int:

@@ -129,7 +129,7 @@ function deviceRow(d) {
     : el("span", { className: "status cancelled" }, d.fingerprint ? "disconnected" : "never registered");
   return el("tr", {}, el("td", {}, d.name), el("td", {}, agent), el("td", {}, d.backend || ""),
     el("td", { className: "fingerprint" }, d.fingerprint || ""), el("td", {}, when(d.last_seen)), el("td", {}, d.entries),
-    el("td", {}, `${d.tasks.open} / ${d.tasks.done}`), jobs);
+    el("td", {}, d.calibrations), el("td", {}, `${d.tasks.open} / ${d.tasks.done}`), jobs);
 }
 
 async function refreshDevices() {
