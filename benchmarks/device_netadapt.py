@@ -14,9 +14,19 @@ both faster and more accurate), and uniform's accuracy interpolated at NetAdapt'
 the two sweep jobs that bracket it. The latency table, its calibration, the measured checks and the
 final dense-vs-pruned figures are all timed by the agent (its counters are recorded).
 
-    python benchmarks/device_netadapt.py [--budget 0.7] [--epochs 1] [--initial-reduction 0.05] [--measured-steps]
+One run decides little: at 1 epoch of fine-tune one uniform profile's accuracy moves by about 2
+points from job to job, and the agent's timings by several points of dense. So every run is also
+appended to a record of runs, and the verdict that counts is pooled over them (:func:`pooled`):
+uniform's accuracy against measured latency has one slope, fitted within runs; each run's margin is
+NetAdapt's accuracy less the mean of its uniform jobs moved along that slope to NetAdapt's latency;
+met when the mean margin is above zero at one-sided 95 % (Student's t over the runs).
 
-Results: benchmarks/results/device_netadapt.json. The service's data and logs stay in ``--workdir``.
+    python benchmarks/device_netadapt.py [--budget 0.7] [--epochs 1] [--initial-reduction 0.05] [--measured-steps]
+    python benchmarks/device_netadapt.py --pooled-only [--measured-steps]   # the pooled verdict of the recorded runs
+
+Results: benchmarks/results/device_netadapt.json (this run) and device_netadapt_runs.json (every run;
+--measured-steps: device_netadapt_steps.json, pooled separately). The service's data and logs stay
+in ``--workdir``.
 """
 
 from __future__ import annotations
@@ -31,6 +41,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from scipy import stats
+
 from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 from prunepilot.service.auth import create_key
 from prunepilot.service.client import Client
@@ -39,7 +52,75 @@ from prunepilot.service.process import ServiceProcess
 from prunepilot.service.settings import get_settings
 
 RESULTS = Path(__file__).parent / "results" / "device_netadapt.json"  # --measured-steps: device_netadapt_steps.json
+RUNS = RESULTS.with_name("device_netadapt_runs.json")  # every run, both settings (pooled per setting)
 DEVICE = "bench-board"
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """NetAdapt against uniform at equal measured latency over several runs (see the module doc).
+
+    The slope (uniform accuracy per unit of latency share) is fitted on the uniform jobs' deviations
+    from their own run's means, so a run-wide shift (another calibration, a slower agent) does not
+    tilt it; runs with one uniform job add nothing to it. A margin compares jobs of one run only.
+    The slope is itself uncertain, so the verdict takes the least one-sided 95 % lower bound of the
+    mean margin with the slope anywhere within two standard errors of its fit."""
+    dx: list[float] = []
+    dy: list[float] = []
+    for run in runs:
+        lat = np.array([u["latency_share"] for u in run["uniform"]])
+        acc = np.array([u["accuracy"] for u in run["uniform"]])
+        dx += list(lat - lat.mean())
+        dy += list(acc - acc.mean())
+    x, y = np.array(dx), np.array(dy)
+    sxx = float(x @ x)
+    slope = float(x @ y) / sxx if sxx > 0 else 0.0
+    dof = len(x) - len(runs) - 1
+    slope_se = float(np.sqrt(np.sum((y - slope * x) ** 2) / dof / sxx)) if sxx > 0 and dof > 0 else 0.0
+
+    def margins(b: float) -> np.ndarray:
+        return np.array([run["netadapt"]["accuracy"] - np.mean([u["accuracy"] + b * (run["netadapt"]["latency_share"] - u["latency_share"])
+                                                                for u in run["uniform"]]) for run in runs])
+
+    def lower_bound(m: np.ndarray) -> float:  # one-sided 95 % (Student's t over the runs)
+        return float(m.mean() - stats.t.ppf(0.95, len(m) - 1) * m.std(ddof=1) / np.sqrt(len(m)))
+
+    n = len(runs)
+    found = margins(slope)
+    summary: dict[str, Any] = {"runs": [r["run"] for r in runs], "slope": slope, "slope_se": slope_se, "margins": found.tolist(),
+                               "mean_margin": float(found.mean()) if n else None, "lower_95": None, "verdict": "not settled"}
+    if n >= 3:
+        lower = min(lower_bound(margins(b)) for b in (slope - 2 * slope_se, slope, slope + 2 * slope_se))
+        summary["lower_95"] = lower
+        summary["verdict"] = "met" if lower > 0 else ("not met" if found.mean() <= 0 else "not settled")
+    return summary
+
+
+def report_pooled(measured_steps: bool) -> dict[str, Any]:
+    runs = [r for r in json.loads(RUNS.read_text())["runs"] if r["measured_steps"] == measured_steps] if RUNS.is_file() else []
+    summary = pooled(runs)
+    setting = "measured steps" if measured_steps else "plain counts"
+    if not runs:
+        print(f"pooled ({setting}): no recorded runs")
+        return summary
+    print(f"pooled over runs {summary['runs']} ({setting}): uniform gains {summary['slope']:.2f} (standard error "
+          f"{summary['slope_se']:.2f}) points of accuracy per point of latency; NetAdapt's margins (points) "
+          + ", ".join(f"{100 * m:+.2f}" for m in summary["margins"]) + f"; mean {100 * summary['mean_margin']:+.2f}"
+          + ("" if summary["lower_95"] is None else f", one-sided 95 % lower bound {100 * summary['lower_95']:+.2f}")
+          + f": {summary['verdict']}" + (" (fewer than three runs)" if len(runs) < 3 else ""))
+    return summary
+
+
+def record_run(args: argparse.Namespace, netadapt: dict[str, Any], uniforms: list[dict[str, Any]]) -> None:
+    """Append this run to the record of runs (:data:`RUNS`)."""
+    record = json.loads(RUNS.read_text()) if RUNS.is_file() else {"command": "python benchmarks/device_netadapt.py", "runs": []}
+
+    def point(row: dict[str, Any]) -> dict[str, Any]:
+        return {"budget": row["budget"], "accuracy": row["accuracy"], "latency_share": row["latency_share"], "macs_share": row["macs_share"]}
+
+    record["runs"].append({"run": 1 + max((r["run"] for r in record["runs"]), default=0), "date": time.strftime("%Y-%m-%d"),
+                           "budget": args.budget, "measured_steps": args.measured_steps, "note": "",
+                           "netadapt": point(netadapt), "uniform": [point(u) for u in uniforms]})
+    RUNS.write_text(json.dumps(record, indent=1))
 
 
 def start_agent(url: str, key: str, workdir: Path, threads: int) -> tuple[subprocess.Popen[bytes], Path]:
@@ -90,7 +171,11 @@ def main() -> None:
     parser.add_argument("--measured-steps", action="store_true", help="every job with round_to='measured' (the device table's steps)")
     parser.add_argument("--agent-threads", type=int, default=1, help="ONNX Runtime threads on the device agent")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/prunepilot-device-bench"))
+    parser.add_argument("--pooled-only", action="store_true", help="print the pooled verdict of the recorded runs and stop")
     args = parser.parse_args()
+    if args.pooled_only:
+        report_pooled(args.measured_steps)
+        return
     weights = get_settings().shared_weights_dir / "resnet56-cifar10.th"
     if not weights.is_file():
         sys.exit(f"device_netadapt: pretrained weights not found at {weights}")
@@ -149,12 +234,15 @@ def main() -> None:
     print(f"NetAdapt {accuracy:.2%} at {share:.1%} of dense; uniform at or above that latency: "
           + (", ".join(f"{r['accuracy']:.2%} at {r['latency_share']:.1%}" for r in slower) or "none reached")
           + (f"; uniform interpolated at {share:.1%}: {interpolated:.2%}" if interpolated is not None else "; no bracket to interpolate in"))
-    print(f"NetAdapt beats uniform at equal measured latency: {'met' if verdict else 'NOT met'}")
+    print(f"NetAdapt beats uniform at equal measured latency in this run: {'met' if verdict else 'NOT met'}")
+    record_run(args, netadapt, uniforms)
+    summary = report_pooled(args.measured_steps)
     results = RESULTS.with_name("device_netadapt_steps.json") if args.measured_steps else RESULTS
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                    "device": DEVICE, "agent_counters": agent_counters, "rows": rows,
-                                   "uniform_interpolated_accuracy": interpolated, "netadapt_beats_uniform": verdict},
+                                   "uniform_interpolated_accuracy": interpolated, "netadapt_beats_uniform": verdict,
+                                   "pooled": summary},
                                   indent=2))
     print(f"written: {results}")
 
