@@ -92,6 +92,8 @@ def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
         lower = min(lower_bound(margins(b)) for b in (slope - 2 * slope_se, slope, slope + 2 * slope_se))
         summary["lower_95"] = lower
         summary["verdict"] = "met" if lower > 0 else ("not met" if found.mean() <= 0 else "not settled")
+    if n >= 4:  # how much the verdict rests on one run: the bound without each run in turn (same slope)
+        summary["lower_95_leave_one_out"] = min(lower_bound(np.delete(found, i)) for i in range(n))
     return summary
 
 
@@ -106,7 +108,9 @@ def report_pooled(measured_steps: bool) -> dict[str, Any]:
           f"{summary['slope_se']:.2f}) points of accuracy per point of latency; NetAdapt's margins (points) "
           + ", ".join(f"{100 * m:+.2f}" for m in summary["margins"]) + f"; mean {100 * summary['mean_margin']:+.2f}"
           + ("" if summary["lower_95"] is None else f", one-sided 95 % lower bound {100 * summary['lower_95']:+.2f}")
-          + f": {summary['verdict']}" + (" (fewer than three runs)" if len(runs) < 3 else ""))
+          + f": {summary['verdict']}" + (" (fewer than three runs)" if len(runs) < 3 else "")
+          + (f"; leaving out one run, the bound can fall to {100 * summary['lower_95_leave_one_out']:+.2f}"
+             if "lower_95_leave_one_out" in summary else ""))
     return summary
 
 
