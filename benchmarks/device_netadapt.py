@@ -19,7 +19,8 @@ points from job to job, and the agent's timings by several points of dense. So e
 appended to a record of runs, and the verdict that counts is pooled over them (:func:`pooled`):
 uniform's accuracy against measured latency has one slope, fitted within runs; each run's margin is
 NetAdapt's accuracy less the mean of its uniform jobs moved along that slope to NetAdapt's latency;
-met when the mean margin is above zero at one-sided 95 % (Student's t over the runs).
+met when the mean margin is above zero at one-sided 95 % (Student's t over at least three runs,
+with the slope anywhere within two standard errors of its fit).
 
     python benchmarks/device_netadapt.py [--budget 0.7] [--epochs 1] [--initial-reduction 0.05] [--measured-steps]
     python benchmarks/device_netadapt.py --pooled-only [--measured-steps]   # the pooled verdict of the recorded runs
@@ -139,7 +140,8 @@ def start_agent(url: str, key: str, workdir: Path, threads: int) -> tuple[subpro
 def job_spec(agent: str, budget: float, args: argparse.Namespace) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "arch": "resnet56", "dataset": "cifar10-jpeg", "agent": agent, "seed": 0,
-        "constraints": {"exclude": list(RESIDUAL_ROOTS), **({"round_to": "measured"} if args.measured_steps else {})},
+        # explicit both ways: a device target's default is measured steps (LatencyTarget.default_round_to)
+        "constraints": {"exclude": list(RESIDUAL_ROOTS), "round_to": "measured" if args.measured_steps else None},
         "budget": {"constraints": [{"resource": "latency", "ratio": budget}]},
         "target": {"device": DEVICE},
         "search": {"max_evaluations": args.max_evaluations, "max_seconds": args.max_seconds},

@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -38,12 +38,16 @@ from .measure import Latency, latency_from_times, measure_latency, torch_threads
 from .ort_timing import cpu_model
 
 __all__ = [
-    "BACKENDS", "DEVICE_BACKENDS", "CudaBackend", "LatencyBackend", "LatencyTarget", "OnnxRuntimeBackend", "TorchBackend", "cpu_model",
+    "BACKENDS", "DEVICE_BACKENDS", "STEPPED_BACKENDS", "CudaBackend", "LatencyBackend", "LatencyTarget", "OnnxRuntimeBackend", "TorchBackend", "cpu_model",
     "device_fingerprint", "local_backend", "measure_pair", "onnx_bytes", "time_onnx",
 ]
 
 BACKENDS = ("torch", "onnxruntime", "cuda")  # the local ones; a remote device is "remote"
 DEVICE_BACKENDS = ("onnxruntime",)  # what a device agent times with (`prunepilot device-agent --backend`)
+# Where latency is a staircase in the channel count, so a job that names no rounding gets measured
+# channel steps (docs/benchmarks.md: in ONNX Runtime, counts off its block of 4-16 run slower than
+# larger aligned ones, and mobilenet_v2 at 50 % MACs ran slower than dense without the steps).
+STEPPED_BACKENDS = ("onnxruntime",)
 
 Probe = tuple[nn.Module, torch.Tensor]
 Timer = Callable[[nn.Module, torch.Tensor, int, int], float]
@@ -89,6 +93,13 @@ class LatencyTarget:
 
     def describe(self) -> dict[str, str | None]:
         return {"backend": self.backend, "device": self.device}
+
+    @property
+    def default_round_to(self) -> Literal["measured"] | None:
+        """``round_to`` for a job that names none: ``"measured"`` on :data:`STEPPED_BACKENDS` (a
+        device's agent included), else no rounding (torch eager's latency falls smoothly with the
+        count; the GPU's steps are not measured yet)."""
+        return "measured" if self.backend in STEPPED_BACKENDS else None
 
 
 # ---------------------------------------------------------------------------------------------- torch

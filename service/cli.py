@@ -46,7 +46,8 @@ InputSizeOpt = Annotated[int | None, typer.Option(help="input resolution in pixe
 LatencyBackendOpt = Annotated[str, typer.Option("--latency-backend", help="where latency is measured: torch (PyTorch eager on "
                                                  "this CPU), onnxruntime (ONNX Runtime, CPU execution provider) or cuda")]
 RoundToOpt = Annotated[str | None, typer.Option(help="round kept channels to a multiple (an integer), or 'measured': down to the "
-                                                "latency table's efficient counts, up to the smallest from below them (builds the table for --latency-backend)")]
+                                                "latency table's efficient counts, up to the smallest from below them (builds the table for "
+                                                "--latency-backend); default: 'measured' for onnxruntime, none otherwise (1 turns it off)")]
 MeanOpt = Annotated[str | None, typer.Option(help="input normalization mean R,G,B on a 0-1 scale (default: the model's own, else ImageNet's)")]
 StdOpt = Annotated[str | None, typer.Option(help="input normalization std R,G,B (default: as --mean)")]
 
@@ -99,10 +100,15 @@ def _triple(values: Sequence[float]) -> str:
     return ",".join(f"{v:g}" for v in values)
 
 
-def _round_to(value: str | None) -> int | Literal["measured"] | None:
-    """--round-to: a positive integer or 'measured' (one CLI line otherwise)."""
-    if value is None or value == "measured":
-        return value  # type: ignore[return-value]  # the literal itself
+def _round_to(value: str | None, latency_backend: str) -> int | Literal["measured"] | None:
+    """--round-to: a positive integer or 'measured' (one CLI line otherwise); not given, the
+    default of the latency backend's target (``LatencyTarget.default_round_to``)."""
+    from prunepilot.compression.backends import LatencyTarget
+
+    if value is None:
+        return LatencyTarget(latency_backend).default_round_to  # an unknown backend is one CLI line (PrunePilotError)
+    if value == "measured":
+        return "measured"
     try:
         n = int(value)
     except ValueError:
@@ -302,7 +308,7 @@ def prune(
     from .workspace import open_session
 
     m = _open_model(model, weights, input_size, mean, std)  # checks the model (and its weights) before the data set is decoded
-    constraints = PruningConstraints(max_ratio=max_ratio, round_to=_round_to(round_to), exclude=tuple(exclude or ()))
+    constraints = PruningConstraints(max_ratio=max_ratio, round_to=_round_to(round_to, latency_backend), exclude=tuple(exclude or ()))
     if constraints.round_to == "measured":  # the backend is checked before the data set is decoded
         from prunepilot.compression.backends import local_backend
 
@@ -664,7 +670,9 @@ def submit(
     spec: dict[str, Any] = {
         "arch": "onnx" if onnx_file else model, "agent": agent, "agent_options": options, "budget": {"constraints": constraints},
         "search": {"max_evaluations": evaluations}, "finetune": {"epochs": finetune_epochs},
-        "constraints": {"exclude": list(exclude or []), "round_to": _round_to(round_to)}, "target": {"backend": latency_backend},
+        # no --round-to: the server applies the target's default
+        "constraints": {"exclude": list(exclude or [])} | ({} if round_to is None else {"round_to": _round_to(round_to, latency_backend)}),
+        "target": {"backend": latency_backend},
         "image_size": input_size,
         "mean": _floats(mean, "--mean"), "std": _floats(std, "--std"),
         "dataset": "upload" if upload else data, "name": name}

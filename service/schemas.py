@@ -71,7 +71,9 @@ class ConstraintsSpec(BaseModel):
     round_to: Annotated[int, Field(ge=1)] | Literal["measured"] | None = Field(
         default=_CONSTRAINTS.round_to, description="round kept channel counts: to a multiple of this integer, or 'measured': down to the latency "
                                   "table's efficient counts on the job's target, up to the smallest from below them "
-                                  "(builds that table even for a flops budget)")
+                                  "(builds that table even for a flops budget). A job that leaves it out gets 'measured' when its "
+                                  "target runs ONNX Runtime (target.backend onnxruntime, or a device) and no rounding otherwise; "
+                                  "null or 1 turns rounding off")
     exclude: list[str] = Field(
         default_factory=list, max_length=1000,
         description="layers to leave whole, named by any conv/linear of their channel group (as `prunepilot profile` lists them)",
@@ -160,10 +162,20 @@ class JobCreate(ModelSpec):
     fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
     finetune: FinetuneSpec = Field(default_factory=FinetuneSpec)
     measure: MeasureSpec = Field(default_factory=MeasureSpec)
-    target: TargetSpec = Field(default_factory=TargetSpec, description="where latency is measured (latency budgets, round_to='measured')")
+    target: TargetSpec = Field(default_factory=TargetSpec, description="where latency is measured (latency budgets, round_to='measured'); "
+                                                                      "ONNX Runtime targets default to round_to='measured'")
     criterion: str = Field(default="l2", description=f"channel importance: {', '.join(CRITERIA)}")
     seed: int = Field(default=0, ge=0, le=2**32 - 1, description="32 bits: Optuna's samplers seed a NumPy RandomState")
     name: str | None = Field(default=None, max_length=200)
+
+    @model_validator(mode="after")
+    def _target_rounding(self) -> JobCreate:
+        """A job that names no rounding gets its target's (measured channel steps where latency is a
+        staircase in the channel count: ``LatencyTarget.default_round_to``). Stored specs carry the
+        result, so a job keeps the rounding it was accepted with."""
+        if "round_to" not in self.constraints.model_fields_set:
+            self.constraints.round_to = self.target.to_engine().default_round_to
+        return self
 
     @field_validator("criterion")
     @classmethod

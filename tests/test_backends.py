@@ -567,3 +567,28 @@ def test_inspect_with_a_target_shows_its_outlook_or_says_why_not(api, resnet20) 
     assert body["latency"]["backend"] == "torch" and not body["latency"]["will_speed_up"]
     assert body["latency"]["verdict"].startswith(NO_SPEEDUP) and body["budget_problems"][0].startswith(NO_SPEEDUP)
     assert len(body["latency"]["layers"]) == len(body["groups"])
+
+
+@pytest.mark.parametrize(("target", "constraints", "expected"), [
+    ({}, {}, None),
+    ({"backend": "torch"}, {}, None),
+    ({"backend": "cuda"}, {}, None),
+    ({"backend": "onnxruntime"}, {}, "measured"),
+    ({"device": "board"}, {}, "measured"),
+    ({"backend": "onnxruntime"}, {"round_to": None}, None),
+    ({"device": "board"}, {"round_to": 8}, 8),
+    ({"backend": "torch"}, {"round_to": "measured"}, "measured"),
+])
+def test_a_job_on_onnx_runtime_gets_measured_steps_unless_it_names_its_rounding(target: dict, constraints: dict, expected) -> None:
+    """ONNX Runtime's latency is a staircase in the channel count (docs/benchmarks.md), so a job whose
+    target runs it (a device's agent included) and that names no rounding gets measured steps; the
+    stored spec carries them, so the job keeps them when the worker reads it again."""
+    from prunepilot.service.schemas import JobCreate
+
+    spec = {"arch": "resnet20", "budget": {"constraints": [{"resource": "latency", "ratio": 0.8}]}, "target": target,
+            "constraints": constraints}
+    job = JobCreate.model_validate(spec)
+    assert job.constraints.round_to == expected
+    stored = job.model_dump(mode="json")
+    assert stored["constraints"]["round_to"] == expected and JobCreate.model_validate(stored).constraints.round_to == expected
+    assert job.constraints.to_engine().round_to == expected

@@ -184,3 +184,38 @@ def test_latency_table_cli_measures_what_is_missing_then_reuses(tmp_path: Path, 
     assert json.loads(report.stdout)["latency"]["calibration"] == "stored"  # the first build's fit of resnet20
     floors = json.loads(report.stdout)["floors"]
     assert 0 < floors["latency"] < 1 and set(floors) == {"flops", "params", "size", "latency"}
+
+
+@pytest.mark.parametrize(("args", "sent", "accepted"), [
+    ([], None, None),  # torch: no rounding
+    (["--latency-backend", "onnxruntime"], None, "measured"),  # the server applies ONNX Runtime's default
+    (["--latency-backend", "onnxruntime", "--round-to", "1"], 1, 1),  # turned off
+    (["--round-to", "measured"], "measured", "measured"),
+])
+def test_submit_leaves_the_rounding_to_the_target_unless_told(args: list[str], sent, accepted, capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prunepilot submit` without --round-to sends no round_to, so the service gives the job its
+    target's default (measured steps on ONNX Runtime); given, it is sent as given."""
+    import prunepilot.service.cli as cli
+    from prunepilot.service.schemas import JobCreate
+
+    specs: list[dict] = []
+
+    class Recorder:
+        base_url = "http://test"
+
+        def __enter__(self) -> Recorder:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def submit(self, spec: dict, *files: object, **kw: object) -> dict:
+            specs.append(spec)
+            return {"id": "j1", "status": "queued", "links": {"dashboard": "/dashboard"}}
+
+    monkeypatch.setattr(cli, "_client", lambda url, key: Recorder())
+    r = run_cli_here(capsys, monkeypatch, "submit", "--model", "resnet20", "--budget", "flops=0.5", *args)
+    assert r.returncode == 0, r.stderr
+    assert specs[0]["constraints"].get("round_to", None) == sent and ("round_to" in specs[0]["constraints"]) == (sent is not None)
+    assert JobCreate.model_validate(specs[0]).constraints.round_to == accepted
