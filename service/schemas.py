@@ -172,9 +172,10 @@ class JobCreate(ModelSpec):
     def _target_rounding(self) -> JobCreate:
         """A job that names no rounding gets its target's (measured channel steps where latency is a
         staircase in the channel count: ``LatencyTarget.default_round_to``). Stored specs carry the
-        result, so a job keeps the rounding it was accepted with."""
+        result, so a job keeps the rounding it was accepted with. A copy: a ``ConstraintsSpec`` the
+        caller passed in (pydantic keeps the instance) is not changed under them."""
         if "round_to" not in self.constraints.model_fields_set:
-            self.constraints.round_to = self.target.to_engine().default_round_to
+            self.constraints = self.constraints.model_copy(update={"round_to": self.target.to_engine().default_round_to})
         return self
 
     @field_validator("criterion")

@@ -583,7 +583,7 @@ def test_a_job_on_onnx_runtime_gets_measured_steps_unless_it_names_its_rounding(
     """ONNX Runtime's latency is a staircase in the channel count (docs/benchmarks.md), so a job whose
     target runs it (a device's agent included) and that names no rounding gets measured steps; the
     stored spec carries them, so the job keeps them when the worker reads it again."""
-    from prunepilot.service.schemas import JobCreate
+    from prunepilot.service.schemas import ConstraintsSpec, JobCreate
 
     spec = {"arch": "resnet20", "budget": {"constraints": [{"resource": "latency", "ratio": 0.8}]}, "target": target,
             "constraints": constraints}
@@ -592,3 +592,5 @@ def test_a_job_on_onnx_runtime_gets_measured_steps_unless_it_names_its_rounding(
     stored = job.model_dump(mode="json")
     assert stored["constraints"]["round_to"] == expected and JobCreate.model_validate(stored).constraints.round_to == expected
     assert job.constraints.to_engine().round_to == expected
+    given = ConstraintsSpec.model_validate(constraints)  # an instance of the caller's is left as it was
+    assert JobCreate(**{**spec, "constraints": given}).constraints.round_to == expected and given.round_to == constraints.get("round_to")
