@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,19 @@ from prunepilot.service.settings import Settings
 # The suite runs in two pytest-xdist workers on two cores ([tool.pytest.ini_options] addopts): one
 # intra-op thread each, or the workers' thread pools oversubscribe the cores and spin against each
 # other (a NetAdapt test went from 9 s alone to 66 s beside another worker). Run alone, two threads.
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
+THREADS = 1 if os.environ.get("PYTEST_XDIST_WORKER") else 2
+torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _threads_stay_as_set() -> Iterator[None]:
+    """A test (or code it calls in this process) that changes torch's thread count must put it back:
+    a worker left at two threads beside the other worker spins, and every later test file in it ran
+    two to three times slower (a whole minute of the suite)."""
+    yield
+    leaked = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    assert leaked == THREADS, f"the test left torch at {leaked} intra-op threads (the suite runs at {THREADS})"
 
 
 def _shared_dir() -> Path:
