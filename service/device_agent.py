@@ -43,6 +43,7 @@ log = logging.getLogger("prunepilot.device_agent")
 
 BACKENDS = ("onnxruntime",)
 MEMBER = "model-{}.onnx"
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can hold
 MAX_PAYLOAD_BYTES = 1 << 30  # what an agent accepts to unpack (a network task's models together)
 
 
@@ -51,11 +52,12 @@ MAX_PAYLOAD_BYTES = 1 << 30  # what an agent accepts to unpack (a network task's
 
 def pack_models(models: Sequence[bytes]) -> bytes:
     """Several ONNX models as one payload: a zip of ``model-0.onnx``, ``model-1.onnx``, ... (stored:
-    ONNX weights do not compress)."""
+    ONNX weights do not compress). The members carry a fixed date, so the same models always pack to
+    the same bytes (a member's default date is the clock's, which made two packings differ)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
         for i, data in enumerate(models):
-            z.writestr(MEMBER.format(i), data)
+            z.writestr(zipfile.ZipInfo(MEMBER.format(i), date_time=ZIP_DATE), data)
     return buf.getvalue()
 
 

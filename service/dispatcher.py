@@ -104,7 +104,10 @@ class Dispatcher:
                 pass
             try:
                 state = self.store.requeue_or_fail(job_id, "interrupted by a shutdown", self.settings.job_max_attempts, refund=True)
-                log.info("job %s handed back at shutdown: %s", job_id, state)
+                if state is None:  # its worker ended it between the last tick and now
+                    log.info("job %s had already ended at shutdown", job_id)
+                else:
+                    log.info("job %s handed back at shutdown: %s", job_id, state)
             except Exception:  # noqa: BLE001 - the database may be gone too; the next start re-queues it then
                 log.warning("job %s could not be handed back at shutdown", job_id)
         self.running.clear()

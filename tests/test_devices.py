@@ -82,6 +82,20 @@ def _add_entry_tasks(url: str, keys: list[str]) -> None:
             for k in keys])
 
 
+def test_a_payload_is_the_same_bytes_whenever_it_is_packed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same models pack to the same bytes at any time of day (a zip member dated by the clock made
+    a task's stored payload differ from a later packing of the same models)."""
+    import zipfile
+
+    from prunepilot.service.device_agent import unpack_models
+
+    monkeypatch.setattr(zipfile.time, "time", lambda: 1_000_000_000.0)
+    morning = pack_models([b"onnx-a", b"onnx-b"])
+    monkeypatch.setattr(zipfile.time, "time", lambda: 1_700_000_000.0)
+    assert pack_models([b"onnx-a", b"onnx-b"]) == morning
+    assert unpack_models(morning, 2) == [b"onnx-a", b"onnx-b"]
+
+
 def test_leases_expire_and_a_result_is_recorded_once(tmp_path: Path) -> None:
     from inproc import open_api
 
