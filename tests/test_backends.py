@@ -146,9 +146,12 @@ def test_onnxruntime_entries_are_a_layers_own_kernels_without_layout_reorders() 
     probe = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()).eval()
     x = torch.randn(1, 16, 8, 8)
     data = onnx_bytes(probe, x)
-    (kernels,) = time_onnx_entries([(data, tuple(x.shape))], 1, warmup=3, repeats=20, rounds=2)
-    wall = float(np.median(time_onnx(data, tuple(x.shape), 1, warmup=3, repeats=40)))
-    assert 0 < kernels < wall, (kernels, wall)
+    # three interleaved pairs, the median of each side: a burst of load during one of them (seen once
+    # in a loaded suite: 9.3 us of wall against 16 us idle) decides nothing
+    pairs = [(time_onnx_entries([(data, tuple(x.shape))], 1, warmup=3, repeats=20, rounds=2)[0],
+              float(np.median(time_onnx(data, tuple(x.shape), 1, warmup=3, repeats=40)))) for _ in range(3)]
+    kernels, wall = float(np.median([k for k, _ in pairs])), float(np.median([w for _, w in pairs]))
+    assert 0 < kernels < wall, pairs
     assert OnnxRuntimeBackend(1).fingerprint(1, 1).endswith(f"|entries={ENTRY_METHOD}")
     # providers that launch kernels asynchronously keep wall-time entries (the profiler's node times
     # there are host-side), under their own key
