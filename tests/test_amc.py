@@ -4,7 +4,6 @@ import copy
 
 import numpy as np
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env
 from helpers.synthetic import SyntheticEvaluator
 
@@ -12,6 +11,7 @@ from prunepilot.agents import MemoryRecorder, SearchContext, SearchLimits, creat
 from prunepilot.agents.amc import EpisodeRewardBuffer, truncated_normal
 from prunepilot.compression import Evaluator, Fidelity, PrunePilotError, Pruner, PruningConstraints, build_model
 from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
+from prunepilot.compression.measure import torch_threads
 from prunepilot.envs import FEATURES, PruningEnv
 
 
@@ -112,19 +112,15 @@ def test_truncated_normal_stays_in_bounds() -> None:
 
 def test_ddpg_learns_on_a_synthetic_problem(resnet20) -> None:
     """Early layers are costly to prune, late ones cheap: DDPG must find that, uniform cannot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices: a second thread only adds synchronisation
     # the 27 block-internal convs: a long chain of similar layers whose known optimum is steeply non-uniform
     inner = PruningConstraints(exclude=RESIDUAL_ROOTS)
     ev = SyntheticEvaluator(Pruner(build_model("resnet56"), "resnet56", 10, 32, inner))
     episodes = 120  # AMC leads uniform by ~0.10 and random by ~0.045 here (seeds 0-1; 300 episodes: the same)
     scores = {}
-    try:
+    with torch_threads(1):  # small matrices: a second thread only adds synchronisation
         for name in ("uniform", "random", "amc"):
             ctx = SearchContext(ev, {"flops": 0.5}, SearchLimits(max_evaluations=episodes), seed=0, agent=name)
             scores[name] = create_agent(name).search(ctx).best.accuracy
-    finally:
-        torch.set_num_threads(threads)
     assert scores["amc"] > scores["uniform"] + 0.04
     assert scores["amc"] > scores["random"] + 0.02
 
