@@ -5,7 +5,11 @@ of the dense model's resource, times ``decay`` per iteration; reference defaults
 For every prunable layer one proposal removes just enough filters from that layer alone to meet
 the iteration's target, found through the latency lookup table (or the analytic FLOPs / params /
 size model) among the counts the job's constraints allow (``round_to``, measured channel steps),
-choosing the filters with the smallest L2 norm in the *current* network. Each
+choosing the filters with the smallest L2 norm in the *current* network. When no layer alone can
+meet the target (a step larger than any one layer's share of the resource), the proposals are
+contiguous windows of layers instead, each window cut by one common share of its layers' current
+channels (at most ``WINDOW_CUT`` where that suffices), just enough to meet the target; every
+proposal still meets the same target, so accuracy alone ranks them. Each
 proposal is fine-tuned briefly (``short_steps`` SGD steps) and scored on the validation split;
 the best one becomes the current network, fine-tuned weights included. The loop stops when the
 budget is met; the long fine-tune happens in the job's final phase.
@@ -71,7 +75,7 @@ class _Shared:
 
 @dataclass
 class _Proposal:
-    layer: int
+    layers: tuple[int, ...]  # the layers it cuts: one, or a contiguous window (see _window_proposals)
     kept: list[int]  # w.r.t. the dense model
 
 
@@ -86,7 +90,8 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
     if len(pruner.layers) != len(shared.current_kept):
         raise PrunePilotError("the current network lost a prunable layer; raise the minimum channels per layer")
     kept_here = np.array(shared.current_kept)
-    kept_here[prop.layer] = prop.kept[prop.layer]
+    cut = list(prop.layers)
+    kept_here[cut] = np.array(prop.kept)[cut]
     pruned = pruner.prune_kept(kept_here)
     device = resolve_device(shared.device)
     net = place(pruned.model, device)
@@ -102,6 +107,9 @@ def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, tor
 
 
 SCAN_COUNTS = 64  # up to this many candidate counts are tried one by one; more are bisected
+# A window proposal grows until cutting each of its layers by at most this share of its current
+# channels meets the step, so no layer is emptied in one iteration when its neighbours can share the cut.
+WINDOW_CUT = 0.5
 
 
 def _largest_within(counts: list[int], value: Callable[[int], float], target: float) -> int | None:
@@ -179,13 +187,8 @@ class NetAdaptAgent(Agent):
             if ctx.exhausted():
                 break
             resource, target = self._target(ctx, kept, iteration)
-            props = self._proposals(ctx, kept, min_kept, resource, target)
-            if not props:
-                # No single layer reaches the step: take the deepest cut any one layer can make.
-                reachable = self._reachable(ctx, kept, min_kept, resource)
-                if reachable is not None:
-                    target = reachable
-                    props = self._proposals(ctx, kept, min_kept, resource, target)
+            props = self._proposals(ctx, kept, min_kept, resource, target) or self._window_proposals(
+                ctx, kept, min_kept, resource, target)
             if not props:
                 raise PrunePilotError("NetAdapt cannot reduce the resource further within the layer limits")
             props = self._within_cap(ctx, kept, props)
@@ -208,7 +211,8 @@ class NetAdaptAgent(Agent):
 
                 ratios = 1.0 - np.array(prop.kept) / dense_channels
                 trials.append(ctx.evaluate(ratios, kind="proposal", evaluate_fn=metrics_of,
-                                           extra={"iteration": iteration, "layer": ctx.layer_names[prop.layer],
+                                           extra={"iteration": iteration, "layer": self._label(ctx, prop),
+                                                  "layers": [ctx.layer_names[i] for i in prop.layers],
                                                   "resource": resource, "target": target}))
             best_j = max(range(len(props)), key=lambda j: trials[j].accuracy)
             if best_j not in outputs:  # recorded before a restart: re-derive its fine-tuned weights
@@ -218,7 +222,7 @@ class NetAdaptAgent(Agent):
             model = build_from_spec(spec, weights)
             kept = np.array(props[best_j].kept)
             final = trials[best_j]
-            history.append({"iteration": iteration, "layer": ctx.layer_names[props[best_j].layer], "accuracy": acc,
+            history.append({"iteration": iteration, "layer": self._label(ctx, props[best_j]), "accuracy": acc,
                             resource: ctx.resources(1.0 - kept / dense_channels)[resource]})
             iteration += 1
             self._save(ctx, iteration, kept, model, spec)
@@ -246,15 +250,11 @@ class NetAdaptAgent(Agent):
         reduction = self.initial * self.decay**iteration
         return resource, max(self._limits[resource], res[resource] - reduction)
 
-    def _reachable(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str) -> float | None:
-        best = None
-        for i in range(len(kept)):
-            if kept[i] > min_kept[i]:
-                k = kept.copy()
-                k[i] = min_kept[i]
-                value = ctx.costs(k)[resource]
-                best = value if best is None else min(best, value)
-        return best
+    @staticmethod
+    def _label(ctx: SearchContext, prop: _Proposal) -> str:
+        """The layer a proposal cuts, or its window as ``first..last``."""
+        first, last = ctx.layer_names[prop.layers[0]], ctx.layer_names[prop.layers[-1]]
+        return first if len(prop.layers) == 1 else f"{first}..{last}"
 
     def _proposals(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str, target: float) -> list[_Proposal]:
         """Per layer, the most channels it can keep (among the counts its constraints allow: rounding,
@@ -274,20 +274,68 @@ class NetAdaptAgent(Agent):
             if count is not None:
                 k = kept.copy()
                 k[i] = count
-                props.append(_Proposal(i, [int(x) for x in k]))
+                props.append(_Proposal((i,), [int(x) for x in k]))
+        return props
+
+    def _window_proposals(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str,
+                          target: float) -> list[_Proposal]:
+        """When no layer alone can meet ``target``: the layers with room left, split in order into
+        contiguous windows, each the fewest layers that a common cut of at most ``WINDOW_CUT`` of
+        their current channels takes to ``target`` (a tail too small for that grows backwards into
+        its neighbour), each cut by the least common share that meets it. Taking the deepest cut of
+        one layer instead emptied layer after layer: the table chose the shape, not the accuracy.
+        Empty when even every layer at its least count misses ``target``."""
+        room = [i for i in range(len(kept)) if kept[i] > min_kept[i]]
+
+        def cut(window: list[int], share: float) -> np.ndarray:
+            k = kept.copy()
+            for i in window:
+                allowed = [c for c in self._allowed[i] if min_kept[i] <= c <= kept[i]] + [int(kept[i])]
+                want = int(np.ceil(kept[i] * (1.0 - share) - 1e-9))
+                k[i] = max((c for c in allowed if c <= want), default=min(allowed))
+            return k
+
+        def fits(window: list[int], share: float) -> bool:
+            return ctx.costs(cut(window, share))[resource] <= target
+
+        windows: list[tuple[list[int], float]] = []
+        start = 0
+        while start < len(room):
+            end = next((e for e in range(start + 1, len(room) + 1) if fits(room[start:e], WINDOW_CUT)), None)
+            if end is not None:
+                windows.append((room[start:end], WINDOW_CUT))
+                start = end
+                continue
+            begin = next((b for b in range(start - 1, -1, -1) if fits(room[b:], WINDOW_CUT)), None)
+            if begin is not None:
+                windows.append((room[begin:], WINDOW_CUT))
+            elif not windows and room and fits(room, 1.0):  # only deeper cuts of every layer reach the target
+                windows.append((room, 1.0))
+            break
+        props = []
+        for window, most in windows:
+            lo, hi = 0.0, most  # fits(window, hi); find the least such share
+            for _ in range(20):
+                mid = (lo + hi) / 2
+                lo, hi = (lo, mid) if fits(window, mid) else (mid, hi)
+            props.append(_Proposal(tuple(window), [int(x) for x in cut(window, hi)]))
         return props
 
     def _within_cap(self, ctx: SearchContext, kept: np.ndarray, props: list[_Proposal]) -> list[_Proposal]:
         """At most the evaluations left: an iteration near the cap keeps the proposals that cut the
-        smallest share of their layer (usually the cheapest in accuracy), in layer order."""
+        smallest share of their layers' channels (usually the cheapest in accuracy), in layer order."""
         if ctx.search.max_evaluations is None:
             return props
         left = max(0, ctx.search.max_evaluations - ctx.step)
         if len(props) <= left:
             return props
-        share = {p.layer: (kept[p.layer] - p.kept[p.layer]) / kept[p.layer] for p in props}
-        chosen = sorted(props, key=lambda p: (share[p.layer], p.layer))[:left]
-        return sorted(chosen, key=lambda p: p.layer)
+
+        def share(p: _Proposal) -> float:
+            cut = list(p.layers)
+            return float((kept[cut] - np.array(p.kept)[cut]).sum() / kept[cut].sum())
+
+        chosen = sorted(props, key=lambda p: (share(p), p.layers))[:left]
+        return sorted(chosen, key=lambda p: p.layers)
 
     def _save(self, ctx: SearchContext, iteration: int, kept: np.ndarray, model: nn.Module, spec: ArchSpec) -> None:
         weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

@@ -103,8 +103,8 @@ def over_budget(resnet20, mini_splits) -> Evaluator:
                                Fidelity(val_images=100, calib_images=128))
 
 
-# NetAdapt asked for the whole reduction at once takes the deepest single-layer cut per iteration
-# (one short fine-tune each) until the graph says the budget is met; a loose budget keeps that short.
+# NetAdapt asked for the whole reduction at once proposes the layers (or windows of layers) that meet
+# it (one short fine-tune each) until the graph says the budget is met; a loose budget keeps that short.
 NO_FEASIBLE = {"netadapt": (20, {"initial_reduction": 1.0, "short_steps": 1}, 0.85)}
 
 

@@ -154,7 +154,7 @@ def test_netadapt_proposals_run_on_the_jobs_device(tiny, meta, monkeypatch: pyte
     kept = [int(c) for c in pruner.graph.channels]
     kept[1] -= 4
     with pytest.raises(_Seen):
-        netadapt.run_proposal(shared, netadapt._Proposal(1, kept))
+        netadapt.run_proposal(shared, netadapt._Proposal((1,), kept))
     assert Spy.seen == [("meta", "meta", torch.float32)]
 
 

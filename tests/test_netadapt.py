@@ -11,7 +11,8 @@ import prunepilot.agents.latency_check as latency_check
 import prunepilot.agents.netadapt as netadapt
 from prunepilot.agents import MemoryRecorder, SearchContext, SearchEnv, SearchLimits, check_measured_latency, create_agent
 from prunepilot.agents.latency_check import measured_share
-from prunepilot.compression import Evaluator, Fidelity, Pruner
+from prunepilot.compression import Evaluator, Fidelity, Pruner, PruningConstraints
+from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 from prunepilot.compression.latency import FileLatencyStore, LatencyTable
 
 # The table is built on a deterministic clock (tests/helpers/clock.py) whose cost model it predicts
@@ -127,6 +128,50 @@ def test_netadapt_proposes_only_counts_the_constraints_allow(setup, tmp_path) ->
                 assert ctx.costs(wider)["flops"] > t.extra["target"] + 1e-12
     finally:
         pruner.constraints = plain
+
+
+def test_netadapt_cuts_windows_of_layers_when_no_layer_alone_meets_the_step(resnet20, mini_splits, tmp_path) -> None:
+    """No block-internal conv of ResNet-20, even at its least count, saves a 20 % step of the MACs
+    (checked per iteration below). Each such iteration then proposes contiguous windows of layers that together cover
+    every layer with room left; each window meets the iteration's target with every layer in it
+    keeping at least half its channels, and leaves the other layers as they were. (Before, the
+    deepest single-layer cut became the target, and layer after layer went to its least count.)"""
+    pruner = Pruner(copy.deepcopy(resnet20), "resnet20", 10, 32, PruningConstraints(exclude=RESIDUAL_ROOTS))
+    ev = Evaluator(pruner, mini_splits, Fidelity(val_images=100, calib_images=128))
+    ctx = SearchContext(ev, {"flops": 0.55}, SearchLimits(max_evaluations=400), seed=0, agent="netadapt", state_dir=tmp_path)
+    result = create_agent("netadapt", initial_reduction=0.2, short_steps=1).search(ctx)
+    assert result.info["final_within_budget"]
+    names, n = ctx.layer_names, len(ctx.layer_names)
+    min_kept = pruner.kept_from_vector(ctx.max_ratios)
+    iterations: dict[int, list] = {}
+    for t in ctx.recorder.existing():
+        iterations.setdefault(t.extra["iteration"], []).append(t)
+    assert len(iterations) >= 2
+    before = pruner.graph.channels.copy()
+    windowed = 0
+    for it in sorted(iterations):
+        trials = iterations[it]
+        target = trials[0].extra["target"]
+        alone = [before.copy() for _ in range(n)]
+        for i in range(n):
+            alone[i][i] = min_kept[i]
+        # near the budget the rest of the way can be within one layer's reach: NetAdapt's own proposals
+        single = any(ctx.costs(k)["flops"] <= target for k in alone)
+        windowed += not single
+        covered: set[int] = set()
+        for t in trials:
+            window = [names.index(name) for name in t.extra["layers"]]
+            assert window == list(range(window[0], window[-1] + 1)), window
+            assert (len(window) == 1) == single, (it, window)
+            kept = np.array(t.metrics["kept"])
+            assert ctx.costs(kept)["flops"] <= target + 1e-12
+            assert single or all(2 * kept[i] >= before[i] for i in window), (kept, before)
+            assert all(kept[i] == before[i] for i in range(n) if i not in window)
+            covered |= set(window)
+        assert single or covered == {i for i in range(n) if before[i] > min_kept[i]}
+        before = np.array(max(trials, key=lambda t: t.accuracy).metrics["kept"])  # the proposal NetAdapt went on with
+    assert windowed >= 2
+    assert list(before) == list(result.best.metrics["kept"])
 
 
 @pytest.fixture()
