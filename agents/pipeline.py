@@ -25,7 +25,7 @@ from prunepilot.compression import Budget, DataSplits, Evaluator, Fidelity, Fine
 from prunepilot.compression.backends import LatencyBackend, LatencyTarget, local_backend
 from prunepilot.compression.compute_device import GPU_EVAL_BATCH
 from prunepilot.compression.compute_device import describe as describe_device
-from prunepilot.compression.finalize import FinalResult
+from prunepilot.compression.finalizing import FinalResult
 from prunepilot.compression.latency import LatencyStore, LatencyTable
 from prunepilot.compression.resources import dense_values
 

@@ -21,7 +21,7 @@ from prunepilot.agents import SearchContext, SearchLimits, create_agent
 from prunepilot.compression import Evaluator, Fidelity, PruningConstraints
 from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 from prunepilot.compression.evaluate import accuracy, recalibrate_batchnorm
-from prunepilot.compression.finalize import heldout_tensors
+from prunepilot.compression.finalizing import heldout_tensors
 from prunepilot.service.settings import get_settings
 from prunepilot.service.workspace import open_session
 

@@ -35,7 +35,7 @@ from prunepilot.compression import (
 from prunepilot.compression.cifar_resnet import RESIDUAL_ROOTS
 from prunepilot.compression.data import Normalizer
 from prunepilot.compression.evaluate import accuracy
-from prunepilot.compression.finalize import heldout_tensors
+from prunepilot.compression.finalizing import heldout_tensors
 from prunepilot.compression.strategy import from_vector
 from prunepilot.service.settings import get_settings
 from prunepilot.service.workspace import open_session

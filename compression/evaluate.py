@@ -28,7 +28,7 @@ from torch import nn
 from .compute_device import GPU_EVAL_BATCH, exact_float32, inference_batch, model_device, place, resolve_device
 from .data import DataSplits, ImageSource, Normalizer
 from .errors import PrunePilotError
-from .finetune import FinetuneConfig, finetune
+from .finetuning import FinetuneConfig, finetune
 from .measure import measure_latency, size_on_disk
 from .pruning import Pruner
 from .resources import Resource, SizeModel

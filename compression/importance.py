@@ -7,8 +7,6 @@ following BN and the next layer's input weights) all contribute to a channel's s
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,9 +15,7 @@ from torch import nn
 
 from .errors import StrategyError
 from .graph import PruningGraph, trace_dependencies
-
-Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
-CRITERIA: tuple[str, ...] = get_args(Criterion)
+from .strategy import CRITERIA
 
 
 def _scorer(criterion: str) -> tp.importance.Importance:

@@ -11,13 +11,17 @@ import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
 from .errors import StrategyError
 
 Strategy = dict[str, float]
+# How channels are ranked for removal (compression/importance.py scores them); here, without
+# torch, so the CLI and the API's schemas can name them cheaply.
+Criterion = Literal["l1", "l2", "bn-scale", "taylor"]
+CRITERIA: tuple[str, ...] = get_args(Criterion)
 
 
 @dataclass(frozen=True)

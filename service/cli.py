@@ -7,27 +7,25 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
-from torch import nn
 
-from prunepilot.compression import (
-    CRITERIA,
-    FinetuneConfig,
-    PrunePilotError,
-    Pruner,
-    PruningConstraints,
-    StrategyError,
-    save_artifact,
-    uniform_strategy,
-)
-from prunepilot.compression.graph import PruningGraph
-from prunepilot.compression.sources import InputSpec, ModelSource
+# Only torch-free modules at the top (tests/test_lazy_imports.py): every command pays for these
+# imports, and status, submit, keys or db need nothing of the engine. The rest loads where used.
+from prunepilot.compression.errors import PrunePilotError, StrategyError
+from prunepilot.compression.strategy import CRITERIA, PruningConstraints
 
 from .settings import get_settings
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from prunepilot.compression import Pruner
+    from prunepilot.compression.graph import PruningGraph
+    from prunepilot.compression.sources import InputSpec, ModelSource
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="prunepilot: per-layer pruning ratios under a budget.")
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -303,6 +301,7 @@ def prune(
 
     torch.set_num_threads(settings.threads)
     from prunepilot.agents.pipeline import FinalConfig, PipelineHooks, finish
+    from prunepilot.compression import FinetuneConfig, save_artifact, uniform_strategy
     from prunepilot.compression.backends import LatencyTarget
 
     from .workspace import open_session
@@ -445,6 +444,8 @@ def latency_build(
     """Measure (or reuse) the table for this machine, stored in the database, and calibrate it for the
     model (once: later jobs and inspections reuse the fit); Ctrl-C keeps what was measured."""
     import torch
+
+    from prunepilot.compression.graph import PruningGraph
 
     settings = get_settings()
     torch.set_num_threads(settings.threads)

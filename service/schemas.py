@@ -12,7 +12,7 @@ from prunepilot.agents.pipeline import FinalConfig, PipelineConfig
 from prunepilot.compression import Budget, Fidelity, FinetuneConfig, PrunePilotError, PruningConstraints
 from prunepilot.compression.backends import DEVICE_BACKENDS, LatencyTarget
 from prunepilot.compression.evaluate import FIDELITY_METHODS
-from prunepilot.compression.importance import CRITERIA
+from prunepilot.compression.strategy import CRITERIA
 
 from .db.lifecycle import JobStatus
 

@@ -18,7 +18,7 @@ from server import Server
 
 from prunepilot.compression import count_macs, load_artifact
 from prunepilot.compression.evaluate import accuracy
-from prunepilot.compression.finalize import heldout_tensors
+from prunepilot.compression.finalizing import heldout_tensors
 from prunepilot.service.client import ApiError, Client
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from prunepilot.compression import count_macs, load_artifact
 from prunepilot.compression.data import load_splits
 from prunepilot.compression.evaluate import accuracy
-from prunepilot.compression.finalize import heldout_tensors
+from prunepilot.compression.finalizing import heldout_tensors
 
 
 def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess[str]:

@@ -77,8 +77,7 @@ def tiny() -> tuple[Pruner, DataSplits]:
 def meta(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every device resolver of the engine hands out the meta device; the spy is armed."""
     meta_device = torch.device("meta")
-    for module in ("compression.evaluate", "compression.finetune", "compression.finalize", "agents.netadapt"):
-        # the modules themselves: the package's `finetune` / `finalize` names are its functions
+    for module in ("compression.evaluate", "compression.finetuning", "compression.finalizing", "agents.netadapt"):
         monkeypatch.setattr(importlib.import_module(f"prunepilot.{module}"), "resolve_device", lambda _=None: meta_device)
     # the size model serializes the dense model's weights, which meta tensors do not have
     monkeypatch.setattr("prunepilot.compression.evaluate.SizeModel.of", classmethod(lambda cls, model, params: cls(1, 1)))

@@ -18,7 +18,7 @@ from prunepilot.compression import (
 )
 from prunepilot.compression.data import Normalizer
 from prunepilot.compression.evaluate import accuracy, fold_batchnorm, recalibrate_batchnorm, reconstruct_next_layers
-from prunepilot.compression.finalize import heldout_tensors
+from prunepilot.compression.finalizing import heldout_tensors
 
 # Measured here: pretrained ResNet-20 on all 10,000 JPEG test images (prunepilot prune ... --uniform 0).
 RESNET20_FULL_TEST_ACC = 0.810

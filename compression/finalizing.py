@@ -23,7 +23,7 @@ from .backends import LatencyBackend, TorchBackend, measure_pair
 from .compute_device import GPU_EVAL_BATCH, exact_float32, inference_batch, place, resolve_device
 from .data import DataSplits, ImageSource, Normalizer
 from .evaluate import accuracy_on, recalibrate_batchnorm
-from .finetune import FinetuneConfig, StepCallback, finetune
+from .finetuning import FinetuneConfig, StepCallback, finetune
 from .measure import count_macs, count_params, size_on_disk
 from .pruning import PrunedModel, Pruner
 
