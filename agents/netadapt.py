@@ -80,7 +80,8 @@ class _Proposal:
 
 
 def run_proposal(shared: _Shared, prop: _Proposal) -> tuple[float, dict[str, torch.Tensor], dict[str, Any], float]:
-    """Prune the current network's layer, adapt BN, fine-tune briefly, score. Top-level for Ray."""
+    """Prune the current network's layer (or window of layers), adapt BN, fine-tune briefly, score.
+    Top-level for Ray."""
     t0 = time.perf_counter()
     model = build_from_spec(ArchSpec.from_dict(shared.spec), shared.weights)
     spec = ArchSpec.from_dict(shared.spec)
@@ -279,24 +280,32 @@ class NetAdaptAgent(Agent):
 
     def _window_proposals(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str,
                           target: float) -> list[_Proposal]:
-        """When no layer alone can meet ``target``: the layers with room left, split in order into
+        """When no layer alone can meet ``target``: the layers with room left, in order, split into
         contiguous windows, each the fewest layers that a common cut of at most ``WINDOW_CUT`` of
-        their current channels takes to ``target`` (a tail too small for that grows backwards into
-        its neighbour), each cut by the least common share that meets it. Taking the deepest cut of
-        one layer instead emptied layer after layer: the table chose the shape, not the accuracy.
-        Empty when even every layer at its least count misses ``target``."""
-        room = [i for i in range(len(kept)) if kept[i] > min_kept[i]]
+        their current channels takes to ``target``, each cut by the least common share that meets it
+        (the least where the resource falls with every channel removed, as MACs do; any share found
+        meets ``target``). A tail too small to meet it grows backwards, overlapping its neighbour.
+        Only when no window of at most ``WINDOW_CUT`` can, one window of every layer may cut deeper.
+        Taking the deepest cut of one layer instead emptied layer after layer, so the table chose
+        the network's shape, not the accuracy. Empty when even every layer at its least count
+        misses ``target``."""
+        counts = [[c for c in self._allowed[i] if min_kept[i] <= c < kept[i]] for i in range(len(kept))]
+        room = [i for i in range(len(kept)) if counts[i]]
 
-        def cut(window: list[int], share: float) -> np.ndarray:
+        def cut(window: list[int], share: float, most: float) -> np.ndarray:
+            """Each layer of ``window`` at the largest count it may take with at least ``share`` of
+            its channels removed, or its deepest allowed cut short of that; never more than ``most``
+            removed (a step coarser than that is skipped, not taken)."""
             k = kept.copy()
             for i in window:
-                allowed = [c for c in self._allowed[i] if min_kept[i] <= c <= kept[i]] + [int(kept[i])]
+                least = int(np.ceil(kept[i] * (1.0 - most) - 1e-9))
+                candidates = [c for c in counts[i] if c >= least] + [int(kept[i])]
                 want = int(np.ceil(kept[i] * (1.0 - share) - 1e-9))
-                k[i] = max((c for c in allowed if c <= want), default=min(allowed))
+                k[i] = max((c for c in candidates if c <= want), default=min(candidates))
             return k
 
-        def fits(window: list[int], share: float) -> bool:
-            return ctx.costs(cut(window, share))[resource] <= target
+        def fits(window: list[int], share: float, most: float = WINDOW_CUT) -> bool:
+            return ctx.costs(cut(window, share, most))[resource] <= target
 
         windows: list[tuple[list[int], float]] = []
         start = 0
@@ -309,7 +318,7 @@ class NetAdaptAgent(Agent):
             begin = next((b for b in range(start - 1, -1, -1) if fits(room[b:], WINDOW_CUT)), None)
             if begin is not None:
                 windows.append((room[begin:], WINDOW_CUT))
-            elif not windows and room and fits(room, 1.0):  # only deeper cuts of every layer reach the target
+            elif not windows and room and fits(room, 1.0, 1.0):
                 windows.append((room, 1.0))
             break
         props = []
@@ -317,8 +326,8 @@ class NetAdaptAgent(Agent):
             lo, hi = 0.0, most  # fits(window, hi); find the least such share
             for _ in range(20):
                 mid = (lo + hi) / 2
-                lo, hi = (lo, mid) if fits(window, mid) else (mid, hi)
-            props.append(_Proposal(tuple(window), [int(x) for x in cut(window, hi)]))
+                lo, hi = (lo, mid) if fits(window, mid, most) else (mid, hi)
+            props.append(_Proposal(tuple(window), [int(x) for x in cut(window, hi, most)]))
         return props
 
     def _within_cap(self, ctx: SearchContext, kept: np.ndarray, props: list[_Proposal]) -> list[_Proposal]:
