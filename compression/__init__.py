@@ -5,16 +5,14 @@ Knows nothing of agents, HTTP or SQL.
 The names below load on first use (PEP 562): importing the package, or one light submodule such as
 ``errors`` or ``problem``, does not import torch, timm or Torch-Pruning, so the ``prunepilot``
 command starts in well under a second for what needs none of them (``status``, ``submit``,
-``db upgrade``, ``--help``). The imports under ``TYPE_CHECKING`` are the one list of what the package
-exports: :func:`__getattr__` reads the submodule of a name from them (tests/test_lazy_imports.py
-checks that the two agree with ``__all__``).
+``db upgrade``, ``--help``). A name is listed three times: imported under ``TYPE_CHECKING`` (for type
+checkers), in ``_EXPORTS`` (for :func:`__getattr__`) and in ``__all__``; tests/test_lazy_imports.py
+fails when the three disagree.
 """
 
 from __future__ import annotations
 
-import ast
 import importlib
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -53,22 +51,32 @@ __all__ = [
 ]
 
 
-def _exports() -> dict[str, str]:
-    """Each exported name -> its submodule, read from the ``TYPE_CHECKING`` imports above."""
-    tree = ast.parse(Path(__file__).read_text(encoding="utf-8"))
-    guard = next(node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
-    return {alias.asname or alias.name: f".{node.module}" for node in guard.body if isinstance(node, ast.ImportFrom)
-            for alias in node.names}
-
-
-_EXPORTS = _exports()
+# each exported name -> its submodule: the TYPE_CHECKING imports above, for run time
+_EXPORTS: dict[str, str] = {
+    "FORMATS": "artifacts", "export_format": "artifacts", "load_artifact": "artifacts", "save_artifact": "artifacts",
+    "DataSplits": "data", "ImageSet": "data", "Normalizer": "data", "decode_image_folder": "data", "load_splits": "data",
+    "BudgetError": "errors", "DataError": "errors", "OnnxModelError": "errors", "PrunePilotError": "errors", "StrategyError": "errors",
+    "UnknownArchitectureError": "errors", "WeightsError": "errors",
+    "Evaluator": "evaluate", "Fidelity": "evaluate", "FormulaEvaluator": "evaluate", "LatencyModel": "evaluate", "Metrics": "evaluate",
+    "FinalResult": "finalizing", "finalize": "finalizing",
+    "FinetuneConfig": "finetuning", "finetune": "finetuning",
+    "BlockedLayer": "graph", "LayerInfo": "graph", "PruningGraph": "graph",
+    "GroupReport": "inspect", "PrunabilityReport": "inspect", "inspect_model": "inspect",
+    "count_macs": "measure", "count_params": "measure", "measure_latency": "measure", "model_cost": "measure", "size_on_disk": "measure",
+    "RESOURCES": "problem", "Budget": "problem", "Constraint": "problem", "parse_constraint": "problem",
+    "PrunedModel": "pruning", "Pruner": "pruning",
+    "ArchSpec": "spec", "build_from_spec": "spec",
+    "CRITERIA": "strategy", "PruningConstraints": "strategy", "Strategy": "strategy", "from_vector": "strategy", "to_vector": "strategy",
+    "uniform_strategy": "strategy", "validate_strategy": "strategy",
+    "arch_info": "zoo", "architectures": "zoo", "build_model": "zoo", "load_model": "zoo", "load_weights": "zoo", "read_state_dict": "zoo",
+}
 
 
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups skip this function
     return value
 

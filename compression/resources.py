@@ -10,9 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:  # torch-free at run time: the CLI and the API's schemas parse budgets without torch
+    from torch import nn
 
 # Relative slack of the feasibility rule: float noise, not a user's tolerance (that is a
 # constraint's own ``tolerance``, applied where a budget is converted to ratio limits).

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import ColumnElement, CursorResult, Insert, and_, delete, func, not_, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from prunepilot.agents import TrialRecord
-
 from .lifecycle import ACTIVE, IN_WORKER, JobStatus, sources
 from .models import ApiKey, Artifact, Device, DeviceTask, Job, LatencyCalibration, LatencyEntry, Trial, Upload, utcnow
+
+if TYPE_CHECKING:  # the agents package imports torch; `prunepilot keys` and `db` need none of it
+    from prunepilot.agents import TrialRecord
 
 # ------------------------------------------------------------------ jobs
 
@@ -228,6 +229,8 @@ def trial_records(session: Session, *, job_id: str) -> list[TrialRecord]:
 
 
 def to_record(r: Trial) -> TrialRecord:
+    from prunepilot.agents import TrialRecord
+
     return TrialRecord(step=r.step, agent=r.agent, strategy=dict(r.strategy), metrics=dict(r.metrics), reward=r.reward,
                        feasible=r.feasible, kind=r.kind, wall_time_s=r.wall_time_s, created_at=r.created_at, extra=dict(r.extra or {}))
 
