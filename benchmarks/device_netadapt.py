@@ -23,7 +23,7 @@ met when the mean margin is above zero at one-sided 95 % (Student's t over at le
 with the slope anywhere within two standard errors of its fit).
 
     python benchmarks/device_netadapt.py [--budget 0.7] [--epochs 1] [--initial-reduction 0.05] [--measured-steps]
-    python benchmarks/device_netadapt.py --pooled-only [--measured-steps] [--proposals single-layer]   # the pooled verdict of the recorded runs
+    python benchmarks/device_netadapt.py --pooled-only [--measured-steps] [--proposals windows]   # the pooled verdict of the recorded runs
 
 Results: benchmarks/results/device_netadapt.json (this run) and device_netadapt_runs.json (every run;
 --measured-steps: device_netadapt_steps.json, pooled separately). The service's data and logs stay
@@ -55,11 +55,13 @@ from prunepilot.service.settings import get_settings
 RESULTS = Path(__file__).parent / "results" / "device_netadapt.json"  # --measured-steps: device_netadapt_steps.json
 RUNS = RESULTS.with_name("device_netadapt_runs.json")  # every run, both settings (pooled per setting)
 DEVICE = "bench-board"
-# How NetAdapt proposes when no layer alone meets its step ("windows": contiguous windows of layers
-# cut together); runs of different proposals are pooled apart. Runs recorded without the field (1-9)
-# are "single-layer": the deepest cut any one layer could make became the target.
-PROPOSALS = "windows"
-EARLIER_PROPOSALS = "single-layer"
+# How NetAdapt proposes when no layer alone meets its step; runs of different proposals are pooled
+# apart. "single-layer" (runs recorded without the field, 1-9): the deepest cut any one layer could
+# make became the target. "windows" (runs 10-12, commit 235d85a): contiguous windows of layers cut
+# together, where a coarse count could cut a layer past half. "capped windows" (c12a2a9 on): never
+# past half, except in the one window of every layer. This code records the last.
+KINDS = ("single-layer", "windows", "capped windows")
+PROPOSALS = KINDS[-1]
 
 
 def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -107,7 +109,7 @@ def report_pooled(measured_steps: bool, proposals: str = PROPOSALS) -> dict[str,
     """The pooled verdict over the recorded runs of one setting and one way of proposing."""
     recorded = json.loads(RUNS.read_text())["runs"] if RUNS.is_file() else []
     runs = [r for r in recorded if r["measured_steps"] == measured_steps
-            and r.get("netadapt_proposals", EARLIER_PROPOSALS) == proposals]
+            and r.get("netadapt_proposals", KINDS[0]) == proposals]
     summary = pooled(runs) | {"netadapt_proposals": proposals}
     setting = ("measured steps" if measured_steps else "plain counts") + f", NetAdapt proposing {proposals}"
     if not runs:
@@ -186,7 +188,7 @@ def main() -> None:
     parser.add_argument("--agent-threads", type=int, default=1, help="ONNX Runtime threads on the device agent")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/prunepilot-device-bench"))
     parser.add_argument("--pooled-only", action="store_true", help="print the pooled verdict of the recorded runs and stop")
-    parser.add_argument("--proposals", choices=[PROPOSALS, EARLIER_PROPOSALS], default=PROPOSALS,
+    parser.add_argument("--proposals", choices=KINDS, default=PROPOSALS,
                         help="--pooled-only: the runs of this NetAdapt (how it proposed when no layer alone met its step)")
     args = parser.parse_args()
     if args.pooled_only:
