@@ -26,7 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from prunepilot.compression import Evaluator, Fidelity, LatencyModel, Metrics, PrunePilotError, Strategy
 from prunepilot.compression.budget import BudgetChecker
 from prunepilot.compression.evaluate import EvalData
-from prunepilot.compression.resources import within
+from prunepilot.compression.resources import MEASURED_TOLERANCE, within
 from prunepilot.compression.strategy import from_vector, to_vector
 
 log = logging.getLogger("prunepilot.agents")
@@ -175,11 +175,13 @@ class SearchContext:
         state_dir: Path | None = None,
         env: SearchEnv | None = None,
         on_trial: Callable[[TrialRecord], None] | None = None,
+        tolerances: Mapping[str, float] | None = None,
     ) -> None:
         self.budget = BudgetChecker(evaluator, limits)
         self.evaluator = evaluator
         self.pruner = evaluator.pruner
         self.limits = self.budget.limits
+        self.tolerances = dict(tolerances or {})  # per resource, the budget's slack for measured usage
         self.search = search
         self.recorder = recorder or MemoryRecorder()
         self.ledger = TrialLedger(self.recorder)
@@ -255,6 +257,11 @@ class SearchContext:
 
     def resources(self, ratios: np.ndarray) -> dict[str, float]:
         return self.budget.resources(ratios)
+
+    def within_measured(self, resource: str, usage: float) -> bool:
+        """A measured usage (a network timed on the target) against its limit, with the budget's
+        ``tolerance`` for that resource; predictions are held to the limit itself (``feasible``)."""
+        return within(usage, self.limits[resource], self.tolerances.get(resource, MEASURED_TOLERANCE))
 
     def feasible(self, ratios: np.ndarray) -> bool:
         return self.budget.feasible(ratios)

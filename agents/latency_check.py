@@ -72,7 +72,8 @@ def check_measured_latency(ctx: SearchContext, result: SearchResult, count: int 
                            measure: Callable[[nn.Module], float] | None = None) -> SearchResult:
     """Make ``result.best`` a network that meets the latency budget as measured.
 
-    The top ``count`` trials are timed in accuracy order; the first within the budget wins. The
+    The top ``count`` trials are timed in accuracy order; the first within the budget (its
+    ``tolerance`` allowed, ``SearchContext.within_measured``) wins. The
     searches project every strategy onto the predicted budget, so the top trials usually sit on
     that line together and measure over it together; then the most accurate profile is projected
     onto a limit tightened by its measured overshoot (NetAdapt's rule), evaluated as one more trial
@@ -96,7 +97,7 @@ def check_measured_latency(ctx: SearchContext, result: SearchResult, count: int 
         measured = measure(ctx.pruner.prune(trial.strategy).model)
         checks.append(LatencyCheck(trial.step, trial.accuracy, float(trial.metrics.get("latency_ratio") or 0.0), measured))
         timed[trial.step] = trial
-        return measured <= limit
+        return ctx.within_measured("latency", measured)
 
     chosen: TrialRecord | None = None
     pool = candidates(ctx.trials(), count)

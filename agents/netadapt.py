@@ -179,7 +179,7 @@ class NetAdaptAgent(Agent):
                 predicted = ctx.costs(kept)["latency"]
                 history.append({"iteration": iteration, "check": checks, "predicted_latency": predicted, "measured_latency": measured})
                 checks += 1
-                if measured <= ctx.limits["latency"] * 1.01:
+                if ctx.within_measured("latency", measured):
                     break
                 self._limits["latency"] = predicted * ctx.limits["latency"] / measured
                 log.info("NetAdapt: measured latency %.1f%% of dense vs %.1f%% predicted; internal limit now %.1f%%",
@@ -188,8 +188,9 @@ class NetAdaptAgent(Agent):
             if ctx.exhausted():
                 break
             resource, target = self._target(ctx, kept, iteration)
-            props = self._proposals(ctx, kept, min_kept, resource, target) or self._window_proposals(
-                ctx, kept, min_kept, resource, target)
+            cuts = self._cuts(kept, min_kept)
+            props = self._proposals(ctx, kept, cuts, resource, target) or self._window_proposals(
+                ctx, kept, cuts, resource, target)
             if not props:
                 raise PrunePilotError("NetAdapt cannot reduce the resource further within the layer limits")
             props = self._within_cap(ctx, kept, props)
@@ -257,12 +258,17 @@ class NetAdaptAgent(Agent):
         first, last = ctx.layer_names[prop.layers[0]], ctx.layer_names[prop.layers[-1]]
         return first if len(prop.layers) == 1 else f"{first}..{last}"
 
-    def _proposals(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str, target: float) -> list[_Proposal]:
-        """Per layer, the most channels it can keep (among the counts its constraints allow: rounding,
-        measured steps) with the resource at or under ``target``, the other layers as they are."""
+    def _cuts(self, kept: np.ndarray, min_kept: np.ndarray) -> list[list[int]]:
+        """Per layer, ascending, the counts it may still drop to: allowed by its constraints
+        (rounding, measured steps), at least its least count, below what it keeps now."""
+        return [[c for c in allowed if lo <= c < now] for allowed, lo, now in zip(self._allowed, min_kept, kept, strict=True)]
+
+    @staticmethod
+    def _proposals(ctx: SearchContext, kept: np.ndarray, cuts: list[list[int]], resource: str, target: float) -> list[_Proposal]:
+        """Per layer, the most channels it can keep (among its ``cuts``) with the resource at or
+        under ``target``, the other layers as they are."""
         props = []
-        for i in range(len(kept)):
-            below = [c for c in self._allowed[i] if min_kept[i] <= c < kept[i]]
+        for i, below in enumerate(cuts):
             if not below:
                 continue
 
@@ -278,7 +284,8 @@ class NetAdaptAgent(Agent):
                 props.append(_Proposal((i,), [int(x) for x in k]))
         return props
 
-    def _window_proposals(self, ctx: SearchContext, kept: np.ndarray, min_kept: np.ndarray, resource: str,
+    @staticmethod
+    def _window_proposals(ctx: SearchContext, kept: np.ndarray, cuts: list[list[int]], resource: str,
                           target: float) -> list[_Proposal]:
         """When no layer alone can meet ``target``: the layers with room left, in order, split into
         contiguous windows, each the fewest layers that a common cut of at most ``WINDOW_CUT`` of
@@ -289,8 +296,7 @@ class NetAdaptAgent(Agent):
         Taking the deepest cut of one layer instead emptied layer after layer, so the table chose
         the network's shape, not the accuracy. Empty when even every layer at its least count
         misses ``target``."""
-        counts = [[c for c in self._allowed[i] if min_kept[i] <= c < kept[i]] for i in range(len(kept))]
-        room = [i for i in range(len(kept)) if counts[i]]
+        room = [i for i, below in enumerate(cuts) if below]
 
         def cut(window: list[int], share: float, most: float) -> np.ndarray:
             """Each layer of ``window`` at the largest count it may take with at least ``share`` of
@@ -299,7 +305,7 @@ class NetAdaptAgent(Agent):
             k = kept.copy()
             for i in window:
                 least = int(np.ceil(kept[i] * (1.0 - most) - 1e-9))
-                candidates = [c for c in counts[i] if c >= least] + [int(kept[i])]
+                candidates = [c for c in cuts[i] if c >= least] + [int(kept[i])]
                 want = int(np.ceil(kept[i] * (1.0 - share) - 1e-9))
                 k[i] = max((c for c in candidates if c <= want), default=min(candidates))
             return k

@@ -27,7 +27,7 @@ from prunepilot.compression.compute_device import GPU_EVAL_BATCH
 from prunepilot.compression.compute_device import describe as describe_device
 from prunepilot.compression.finalizing import FinalResult
 from prunepilot.compression.latency import LatencyStore, LatencyTable
-from prunepilot.compression.resources import dense_values
+from prunepilot.compression.resources import Resource, dense_values
 
 from ._base import MemoryRecorder, SearchContext, SearchEnv, SearchLimits, SearchResult, TrialRecord, TrialRecorder
 from .latency_check import check_measured_latency
@@ -163,7 +163,8 @@ def search(prepared: Prepared, config: PipelineConfig, hooks: PipelineHooks, age
     """Run the agent, then hold a latency budget to measurement (``check_measured_latency``).
     ``agent_name`` labels the trials when it differs from the agent (a benchmark's named variant)."""
     ctx = SearchContext(prepared.evaluator, prepared.limits, config.search, hooks.recorder or MemoryRecorder(), seed=config.seed,
-                        agent=agent_name or config.agent, state_dir=hooks.state_dir, env=hooks.env, on_trial=hooks.on_trial)
+                        agent=agent_name or config.agent, state_dir=hooks.state_dir, env=hooks.env, on_trial=hooks.on_trial,
+                        tolerances=config.budget.tolerances())
     result = create_agent(config.agent, **dict(config.agent_options)).search(ctx)
     if result.best is None:
         raise PrunePilotError("the search found no strategy within the budget")
@@ -203,6 +204,8 @@ def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, fin
         "decode_failures": [f.__dict__ for f in prepared.splits.failures][:100],
         **final.report(),
     }
+    latency = config.budget.get(Resource.LATENCY)
+    out["budget_check"] = config.budget.check_measured(prepared.limits, final.usage(latency.batch_size if latency else 1))
     if prepared.table is not None:
         out["latency_table"] = prepared.table.summary()
     out["latency_target"] = {**config.target.describe(), "measured_on": prepared.backend}
@@ -215,6 +218,15 @@ def report(prepared: Prepared, config: PipelineConfig, result: SearchResult, fin
     return out
 
 
+def timed_config(config: PipelineConfig) -> FinalConfig:
+    """The final phase's settings, timing the batch size a latency budget names too (the report's
+    ``budget_check`` holds the final figures to the budget)."""
+    latency = config.budget.get(Resource.LATENCY)
+    if latency is None or latency.batch_size in config.final.latency_batches:
+        return config.final
+    return dataclasses.replace(config.final, latency_batches=(*config.final.latency_batches, latency.batch_size))
+
+
 def run_pipeline(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hooks: PipelineHooks, arch: str) -> JobResult:
     """The whole job: prepare, search with the measured check, fine-tune and measure, report."""
     prepared = prepare(pruner, splits, config, hooks)
@@ -222,5 +234,5 @@ def run_pipeline(pruner: Pruner, splits: DataSplits, config: PipelineConfig, hoo
     if hooks.on_search_done is not None:
         hooks.on_search_done(result)
     assert result.best is not None
-    final = finish(pruner, splits, result.best.strategy, config.final, hooks, initial_model=result.model)
+    final = finish(pruner, splits, result.best.strategy, timed_config(config), hooks, initial_model=result.model)
     return JobResult(result, final, report(prepared, config, result, final, arch))

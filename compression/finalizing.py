@@ -26,6 +26,7 @@ from .evaluate import accuracy_on, recalibrate_batchnorm
 from .finetuning import FinetuneConfig, StepCallback, finetune
 from .measure import count_macs, count_params, size_on_disk
 from .pruning import PrunedModel, Pruner
+from .resources import Resource
 
 
 @dataclass
@@ -45,6 +46,15 @@ class FinalResult:
     test_images: int
     seconds: float
     latency_on: str = "torch"  # the latency backend the figures' latency_ms were timed on
+
+    def usage(self, latency_batch: int) -> dict[str, float | None]:
+        """The pruned model's usage of each resource as a share of dense, from the final figures:
+        latency at ``latency_batch`` (None where that batch size was not timed)."""
+        d, p = self.figures["dense"], self.figures["pruned"]
+        b = str(latency_batch)
+        latency = p.latency_ms[b] / d.latency_ms[b] if b in p.latency_ms and d.latency_ms.get(b) else None
+        return {Resource.FLOPS: p.macs / d.macs, Resource.PARAMS: p.params / d.params, Resource.SIZE: p.size_bytes / d.size_bytes,
+                Resource.LATENCY: latency}
 
     def report(self) -> dict[str, Any]:
         d, p = self.figures["dense"], self.figures["pruned"]

@@ -8,11 +8,13 @@ every resource the same way.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import BudgetError
-from .resources import RESOURCES, Resource
+from .resources import MEASURED_TOLERANCE, RESOURCES, Resource, within
 
 __all__ = ["RESOURCES", "Budget", "Constraint", "Resource", "parse_constraint"]
 
@@ -33,7 +35,10 @@ class Constraint(BaseModel):
     ratio: float | None = Field(default=None, description="keep at most this share of the dense model's value, in (0, 1)")
     value: float | None = Field(default=None, description="absolute limit in the resource's unit")
     batch_size: int = Field(default=1, ge=1, le=4096, description="latency only: batch size measured")
-    tolerance: float = Field(default=0.005, ge=0.0, le=0.1, description="relative slack when checking the limit")
+    tolerance: float = Field(default=MEASURED_TOLERANCE, ge=0.0, le=0.1,
+                             description="relative slack over the limit allowed where a value is measured, not predicted: "
+                                         "latency timed on the target during the search, and every final figure (the "
+                                         "report's budget_check); the search holds its predictions and counts to the limit itself")
 
     @model_validator(mode="after")
     def _one_target(self) -> Constraint:
@@ -85,6 +90,17 @@ class Budget(BaseModel):
 
     def ratio_limits(self, dense: dict[str, float | None]) -> dict[str, float]:
         return {c.resource: c.limit_ratio(dense.get(c.resource)) for c in self.constraints}
+
+    def tolerances(self) -> dict[str, float]:
+        """Each limited resource's slack for measured values (``Constraint.tolerance``)."""
+        return {c.resource: c.tolerance for c in self.constraints}
+
+    def check_measured(self, limits: Mapping[str, float], usage: Mapping[str, float | None]) -> dict[str, dict[str, Any]]:
+        """Each constraint against the measured ``usage`` (share of dense; None: not measured, so
+        not met), by the measured rule: at most ``limits[resource]`` with the constraint's tolerance."""
+        return {c.resource: {"limit": limits[c.resource], "measured": usage.get(c.resource), "tolerance": c.tolerance,
+                             "met": within(usage.get(c.resource), limits[c.resource], c.tolerance)}
+                for c in self.constraints}
 
     def describe(self) -> str:
         return " and ".join(c.describe() for c in self.constraints)

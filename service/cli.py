@@ -392,6 +392,11 @@ def _print_final(report: dict[str, Any]) -> None:
     speed = ", ".join(f"b{b}: {s:.2f}x" for b, s in report["latency_speedup"].items())
     console.print(f"MACs kept {report['macs_ratio']:.1%}, params kept {report['params_ratio']:.1%}, speedup {speed}, "
                   f"accuracy drop {report['accuracy_drop'] * 100:.2f} pt")
+    for resource, check in report.get("budget_check", {}).items():  # absent from reports of older versions
+        measured = "not measured" if check["measured"] is None else f"{check['measured']:.1%} of dense"
+        verdict = "met" if check["met"] else "[red]over the budget[/]"
+        console.print(f"budget {resource}: {measured} as measured, limit {check['limit']:.1%} "
+                      f"(tolerance {check['tolerance']:.1%}): {verdict}")
 
 
 db_app = typer.Typer(help="Database migrations (Alembic).", no_args_is_help=True)
@@ -653,7 +658,7 @@ def submit(
     mean: MeanOpt = None,
     std: StdOpt = None,
     name: Annotated[str | None, typer.Option(help="a label for the job")] = None,
-    wait: Annotated[bool, typer.Option(help="poll with a progress bar until the job ends")] = False,
+    wait: Annotated[bool, typer.Option(help="poll with a progress bar until the job ends, then print its final report")] = False,
     url: Annotated[str | None, typer.Option(help="API base URL (or PRUNEPILOT_URL)")] = None,
     key: Annotated[str | None, typer.Option(help="API key (or PRUNEPILOT_API_KEY)")] = None,
 ) -> None:
@@ -685,6 +690,7 @@ def submit(
             console.print(f"job {job['id']} {job['status']}" + (f": {job['error']}" if job.get("error") else ""))
             if job["status"] != "succeeded":
                 raise typer.Exit(1)
+            _print_final(client.report(job["id"]))
 
 
 @app.command()

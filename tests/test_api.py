@@ -106,7 +106,7 @@ def test_an_onnx_model_end_to_end(server, alice: Client, mini_zip: Path, tmp_pat
 def test_latency_budget_is_checked_by_measurement(server, alice: Client, mini_zip: Path, resnet20_weights: Path) -> None:
     """A latency job builds its table, searches by prediction, then times its best candidates
     against the dense model; the report says which it kept and what each measured."""
-    job = alice.submit(quick_spec(budget={"constraints": [{"resource": "latency", "ratio": 0.85}]},
+    job = alice.submit(quick_spec(budget={"constraints": [{"resource": "latency", "ratio": 0.85, "batch_size": 2}]},
                                   search={"max_evaluations": 4}), resnet20_weights, mini_zip)
     done = alice.wait(job["id"], poll_s=0.3, timeout_s=300)
     assert done["status"] == "succeeded", done["error"]
@@ -116,8 +116,14 @@ def test_latency_budget_is_checked_by_measurement(server, alice: Client, mini_zi
     assert report["search"]["best_step"] == check["chosen_step"]
     chosen = next(c for c in check["checks"] if c["step"] == check["chosen_step"])
     if check["within_budget_measured"]:
-        assert chosen["measured_latency"] <= 0.85
+        assert chosen["measured_latency"] <= 0.85 * 1.005  # the constraint's default tolerance
     assert report["latency_table"]["entries"] > 0
+    # the final figures are timed at the budget's batch size too, and held to the budget
+    figs = report["figures"]
+    assert set(figs["pruned"]["latency_ms"]) == {"1", "2"}
+    final = report["budget_check"]["latency"]
+    assert final["measured"] == pytest.approx(figs["pruned"]["latency_ms"]["2"] / figs["dense"]["latency_ms"]["2"])
+    assert final["limit"] == pytest.approx(0.85) and isinstance(final["met"], bool)
 
 
 def test_infeasible_latency_budget_fails_the_job_with_a_clear_message(server, alice: Client, mini_zip: Path,

@@ -10,7 +10,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
-from prunepilot.compression import Evaluator, Metrics, Pruner
+from prunepilot.compression import Budget, Evaluator, Metrics, Pruner
 from prunepilot.compression.budget import BudgetChecker
 from prunepilot.compression.resources import RESOURCES, Resource, SizeModel, exceeded, within
 
@@ -28,6 +28,18 @@ def test_the_feasibility_rule() -> None:
     assert not within(0.5001, 0.5) and not within(None, 0.5)  # an unmeasured usage is not within
     assert exceeded({"flops": 0.6, "params": 0.3}, {"flops": 0.5, "params": 0.4}) == {"flops": 0.6}
     assert exceeded({"flops": 0.4}, {"flops": 0.5, "latency": 0.7}) == {"latency": None}
+
+
+def test_a_budget_holds_measured_usage_to_each_constraints_tolerance() -> None:
+    budget = Budget.model_validate({"constraints": [{"resource": "latency", "ratio": 0.66, "tolerance": 0.02},
+                                                    {"resource": "flops", "ratio": 0.5}, {"resource": "size", "value": 1e6}]})
+    assert budget.tolerances() == {"latency": 0.02, "flops": 0.005, "size": 0.005}
+    check = budget.check_measured({"latency": 0.66, "flops": 0.5, "size": 0.4}, {"latency": 0.67, "flops": 0.503, "size": None})
+    assert check["latency"] == {"limit": 0.66, "measured": 0.67, "tolerance": 0.02, "met": True}  # 1.5 % over: within its 2 %
+    assert check["flops"]["tolerance"] == 0.005 and not check["flops"]["met"]  # 0.6 % over the default 0.5 %
+    assert check["size"] == {"limit": 0.4, "measured": None, "tolerance": 0.005, "met": False}  # not measured: not met
+    flops = Budget.model_validate({"constraints": [{"resource": "flops", "ratio": 0.5}]})
+    assert flops.check_measured({"flops": 0.5}, {"flops": 0.5024})["flops"]["met"]  # the other side of 0.5 %
 
 
 def test_submission_and_evaluator_agree_on_every_resource(resnet20) -> None:

@@ -134,6 +134,7 @@ def test_one_agent_problem_renders(browser, seeded) -> None:
     roles = page.evaluate("() => document.getElementById('scatter').data.filter(t => t.meta && t.meta.role === 'trials').length")
     assert roles == 1
     assert page.locator("#finals tbody tr").count() == 1
+    assert page.inner_text("#finals tbody tr td:last-child") == "met"  # its flops budget, as measured
     assert "60%" in page.inner_text("#problem-title")
     page.close()
 

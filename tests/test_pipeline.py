@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from prunepilot.agents import MemoryRecorder, SearchLimits
-from prunepilot.agents.pipeline import FinalConfig, PipelineConfig, PipelineHooks, run_pipeline
+from prunepilot.agents.pipeline import FinalConfig, PipelineConfig, PipelineHooks, run_pipeline, timed_config
 from prunepilot.compression import Budget, Fidelity, FinetuneConfig, PrunePilotError, Pruner
 from prunepilot.service.schemas import JobCreate
 
@@ -42,6 +42,7 @@ def test_a_job_runs_through_every_phase_with_its_hooks(resnet20, mini_splits) ->
     assert report["search"]["best_step"] == best.step and report["search"]["evaluations"] == 3
     assert report["strategy"] == best.strategy and report["macs_ratio"] <= 0.5
     assert report["test_images"] == 100 and set(report["figures"]) == {"dense", "pruned"}
+    assert report["budget_check"] == {"flops": {"limit": 0.5, "measured": report["macs_ratio"], "tolerance": 0.005, "met": True}}
 
 
 def test_a_search_with_no_feasible_best_ends_before_fine_tuning(resnet20, mini_splits) -> None:
@@ -59,6 +60,13 @@ def test_a_latency_budget_needs_a_place_for_its_table(resnet20, mini_splits) -> 
     latency = Budget.model_validate({"constraints": [{"resource": "latency", "ratio": 0.8}]})
     with pytest.raises(PrunePilotError, match="latency store"):
         run_pipeline(pruner, mini_splits, config(budget=latency), PipelineHooks(), "resnet20")
+
+
+def test_the_final_phase_times_the_batch_size_a_latency_budget_names() -> None:
+    latency = Budget.model_validate({"constraints": [{"resource": "latency", "ratio": 0.8, "batch_size": 8}]})
+    assert timed_config(config(budget=latency)).latency_batches == (1, 8)
+    batch_one = Budget.model_validate({"constraints": [{"resource": "latency", "ratio": 0.8}]})
+    assert timed_config(config(budget=batch_one)).latency_batches == (1,) and timed_config(config()).latency_batches == (1,)
 
 
 def test_a_job_spec_parses_once_into_the_engine_configs() -> None:
@@ -100,5 +108,6 @@ def test_the_final_figures_are_timed_on_the_jobs_latency_target(resnet20, mini_s
     report = done.report()
     assert report["latency_measured_on"] == "onnxruntime"
     assert done.figures["dense"].latency_ms == {"1": 4.0} and done.figures["pruned"].latency_ms == {"1": 2.0}
+    assert done.usage(1)["latency"] == 0.5 and done.usage(8)["latency"] is None  # batch 8 was not timed
     torch_run = pipeline.finish(pruner, mini_splits, {}, dataclasses.replace(final, target=LatencyTarget()), PipelineHooks(threads=2))
     assert asked == ["onnxruntime"] and torch_run.report()["latency_measured_on"] == "torch"

@@ -123,7 +123,11 @@ def list_trials(
     return Page[TrialPublic](items=items, total=total, limit=limit, offset=offset)
 
 
-@router.get("/{job_id}/report", responses={**ERRORS, **responses(409)}, summary="Final report: dense vs pruned, measured")
+@router.get("/{job_id}/report", responses={**ERRORS, **responses(409)}, summary="Final report: dense vs pruned, measured",
+            description="The final figures (`figures`: test accuracy, MACs, parameters, size and latency per batch size, "
+                        "dense and pruned, measured in the same run on the job's latency target) and `budget_check`: per "
+                        "budgeted resource, its `limit` and `measured` usage (shares of dense; latency at the budget's batch "
+                        "size), the constraint's `tolerance`, and whether the final network `met` it as measured.")
 def get_report(job_id: JobId, jobs: JobsDep, principal: PrincipalDep) -> dict:
     return jobs.report(owner_of(principal), job_id)
 

@@ -236,6 +236,15 @@ function groupBy(items, key) {
   return items.reduce((acc, it) => { (acc[it[key]] = acc[it[key]] || []).push(it); return acc; }, {});
 }
 
+// The final network against each budgeted resource as measured (the report's budget_check);
+// blank for a job reported before the check existed.
+function budgetCell(check) {
+  if (!check) { return ""; }
+  const over = Object.entries(check).filter(([, c]) => !c.met);
+  if (!over.length) { return "met"; }
+  return "over: " + over.map(([r, c]) => `${r} ${c.measured == null ? "not measured" : pct(c.measured)} > ${pct(c.limit)}`).join(", ");
+}
+
 function renderFinals(jobs) {
   const rows = [];
   for (const job of jobs) {
@@ -245,7 +254,7 @@ function renderFinals(jobs) {
     const b1 = p.latency_ms["1"];
     const cells = [job.agent, job.id.slice(0, 8), pct(p.accuracy), pct(dn.accuracy), (100 * r.accuracy_drop).toFixed(2),
       pct(r.macs_ratio), pct(r.params_ratio), pct(r.size_ratio), b1 != null ? b1.toFixed(2) + " ms" : "",
-      r.latency_speedup["1"] ? r.latency_speedup["1"].toFixed(2) + "x" : ""];
+      r.latency_speedup["1"] ? r.latency_speedup["1"].toFixed(2) + "x" : "", budgetCell(r.budget_check)];
     rows.push(el("tr", {}, ...cells.map((c) => el("td", {}, c))));
   }
   document.querySelector("#finals tbody").replaceChildren(...rows);
