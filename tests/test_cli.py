@@ -223,3 +223,47 @@ def test_submit_leaves_the_rounding_to_the_target_unless_told(args: list[str], s
     assert r.returncode == 0, r.stderr
     assert specs[0]["constraints"].get("round_to", None) == sent and ("round_to" in specs[0]["constraints"]) == (sent is not None)
     assert JobCreate.model_validate(specs[0]).constraints.round_to == accepted
+
+
+@pytest.mark.parametrize("status", ["succeeded", "failed"])
+def test_submit_wait_prints_the_final_report_with_its_budget_check(status: str, capsys: pytest.CaptureFixture[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """`submit --wait` ends with the job's final figures and, per budgeted resource, whether the
+    final network met the budget as measured; a job that did not succeed has no report to print."""
+    import prunepilot.service.cli as cli
+
+    fig = {"accuracy": 0.85, "macs": 100, "params": 10, "size_bytes": 40, "latency_ms": {"1": 3.0}}
+    report = {"figures": {"dense": fig, "pruned": {**fig, "macs": 45, "latency_ms": {"1": 2.103}}}, "test_images": 100,
+              "macs_ratio": 0.45, "params_ratio": 1.0, "accuracy_drop": 0.0, "latency_speedup": {"1": 1.43},
+              "budget_check": {"latency": {"limit": 0.66, "measured": 0.701, "tolerance": 0.005, "met": False},
+                               "flops": {"limit": 0.5, "measured": 0.45, "tolerance": 0.005, "met": True}}}
+    asked: list[str] = []
+
+    class Done:
+        base_url = "http://test"
+
+        def __enter__(self) -> Done:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+        def submit(self, spec: dict, *files: object, **kw: object) -> dict:
+            return {"id": "j1", "status": "queued", "links": {"dashboard": "/dashboard"}}
+
+        def wait(self, job_id: str, poll_s: float, on_update) -> dict:  # type: ignore[no-untyped-def]
+            return {"id": job_id, "status": status, "error": None if status == "succeeded" else "boom"}
+
+        def report(self, job_id: str) -> dict:
+            asked.append(job_id)
+            return report
+
+    monkeypatch.setattr(cli, "_client", lambda url, key: Done())
+    r = run_cli_here(capsys, monkeypatch, "submit", "--model", "resnet20", "--budget", "latency=0.66", "--budget", "flops=0.5", "--wait")
+    out = " ".join(r.stdout.split())  # rich wraps long lines
+    if status == "succeeded":
+        assert r.returncode == 0 and asked == ["j1"]
+        assert "budget latency: 70.1% of dense as measured, limit 66.0% (tolerance 0.5%): over the budget" in out
+        assert "budget flops: 45.0% of dense as measured, limit 50.0% (tolerance 0.5%): met" in out
+    else:
+        assert r.returncode == 1 and asked == [] and "budget" not in out.replace("--budget", "")
