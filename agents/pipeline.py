@@ -5,8 +5,10 @@ add only their wiring (an SQL recorder and Ray map, a progress bar, result files
 :class:`PipelineHooks`. A change to the flow (as the measured latency check was) is made here once.
 
     prepared = prepare(pruner, splits, config, hooks)     # latency table, evaluator, ratio limits
-    outcome = search(prepared, config, hooks)             # the agent, then the measured latency check
-    final = finish(prepared, outcome, config, hooks)      # fine-tune, measure, report
+    ctx, result = search(prepared, config, hooks)         # the agent, then the measured latency check
+    final = finish(pruner, splits, result.best.strategy, timed_config(config), hooks,
+                   initial_model=result.model)            # fine-tune, measure against dense
+    out = report(prepared, config, result, final, arch)   # what the job stores, budget_check included
 
 or all three at once with :func:`run_pipeline`.
 """
