@@ -60,12 +60,13 @@ class FinalResult:
         d, p = self.figures["dense"], self.figures["pruned"]
         ref = self.figures.get("dense_finetuned", d)
         speedups = {b: d.latency_ms[b] / p.latency_ms[b] for b in p.latency_ms if b in d.latency_ms and p.latency_ms[b] > 0}
+        usage = self.usage(1)  # the counted resources; latency is reported per batch size, as speedups
         return {
             "figures": {k: asdict(v) for k, v in self.figures.items()},
             "accuracy_drop": ref.accuracy - p.accuracy,
-            "macs_ratio": p.macs / d.macs,
-            "params_ratio": p.params / d.params,
-            "size_ratio": p.size_bytes / d.size_bytes,
+            "macs_ratio": usage[Resource.FLOPS],
+            "params_ratio": usage[Resource.PARAMS],
+            "size_ratio": usage[Resource.SIZE],
             "latency_speedup": speedups,
             "latency_measured_on": self.latency_on,
             "strategy": self.pruned.strategy,

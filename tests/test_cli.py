@@ -190,6 +190,25 @@ def test_latency_table_cli_measures_what_is_missing_then_reuses(tmp_path: Path, 
     assert 0 < floors["latency"] < 1 and set(floors) == {"flops", "params", "size", "latency"}
 
 
+class FakeClient:
+    """A stand-in for the API client `prunepilot submit` opens: it records each spec submitted."""
+
+    base_url = "http://test"
+
+    def __init__(self) -> None:
+        self.specs: list[dict] = []
+
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, spec: dict, *files: object, **kw: object) -> dict:
+        self.specs.append(spec)
+        return {"id": "j1", "status": "queued", "links": {"dashboard": "/dashboard"}}
+
+
 @pytest.mark.parametrize(("args", "sent", "accepted"), [
     ([], None, None),  # torch: no rounding
     (["--latency-backend", "onnxruntime"], None, "measured"),  # the server applies ONNX Runtime's default
@@ -203,22 +222,9 @@ def test_submit_leaves_the_rounding_to_the_target_unless_told(args: list[str], s
     import prunepilot.service.cli as cli
     from prunepilot.service.schemas import JobCreate
 
-    specs: list[dict] = []
-
-    class Recorder:
-        base_url = "http://test"
-
-        def __enter__(self) -> Recorder:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            return None
-
-        def submit(self, spec: dict, *files: object, **kw: object) -> dict:
-            specs.append(spec)
-            return {"id": "j1", "status": "queued", "links": {"dashboard": "/dashboard"}}
-
-    monkeypatch.setattr(cli, "_client", lambda url, key: Recorder())
+    client = FakeClient()
+    specs = client.specs
+    monkeypatch.setattr(cli, "_client", lambda url, key: client)
     r = run_cli_here(capsys, monkeypatch, "submit", "--model", "resnet20", "--budget", "flops=0.5", *args)
     assert r.returncode == 0, r.stderr
     assert specs[0]["constraints"].get("round_to", None) == sent and ("round_to" in specs[0]["constraints"]) == (sent is not None)
@@ -239,18 +245,7 @@ def test_submit_wait_prints_the_final_report_with_its_budget_check(status: str, 
                                "flops": {"limit": 0.5, "measured": 0.45, "tolerance": 0.005, "met": True}}}
     asked: list[str] = []
 
-    class Done:
-        base_url = "http://test"
-
-        def __enter__(self) -> Done:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            return None
-
-        def submit(self, spec: dict, *files: object, **kw: object) -> dict:
-            return {"id": "j1", "status": "queued", "links": {"dashboard": "/dashboard"}}
-
+    class Done(FakeClient):
         def wait(self, job_id: str, poll_s: float, on_update) -> dict:  # type: ignore[no-untyped-def]
             return {"id": job_id, "status": status, "error": None if status == "succeeded" else "boom"}
 
