@@ -60,6 +60,7 @@ from pydantic import Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Pos
 from stable_baselines3 import DDPG
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 
 from prunepilot.compression import PrunePilotError
@@ -255,6 +256,9 @@ class AMCAgent(Agent):
             train_freq=(1, "episode"), gradient_steps=-1, replay_buffer_class=EpisodeRewardBuffer,
             policy_kwargs={"net_arch": [300, 300]}, seed=ctx.seed, device="cpu", verbose=0,
         )
+        # SB3's default logger makes a directory in the system temp dir for every model, even when it
+        # writes nothing (verbose=0): a service would leave one per AMC job there, forever.
+        model.set_logger(Logger(folder=None, output_formats=[]))
         self.model = model
         self.restore_state(model)
         ctx.fast_forward()

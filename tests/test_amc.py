@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 
 import numpy as np
 import pytest
@@ -150,6 +151,14 @@ def test_amc_resumes_from_its_saved_state(synth20, tmp_path) -> None:
     assert [t.step for t in rec.trials] == list(range(12))  # nothing redone, nothing lost
     assert result.best.accuracy >= best_before.accuracy
     assert again.best is result.best
+
+
+def test_amc_leaves_nothing_in_the_temp_dir(synth20, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where SB3's default logger would make its directory
+    ctx = SearchContext(synth20, {"flops": 0.5}, SearchLimits(max_evaluations=3), seed=0, agent="amc")
+    result = create_agent("amc", warmup=1).search(ctx)
+    assert result.trials == 3
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_amc_projects_by_default_and_starts_from_uniform(synth20) -> None:
