@@ -326,8 +326,11 @@ def prune(
     pruner = session.pruner
     _measured_steps(pruner, latency_backend, settings.threads)
     said: list[str] = []
+    limits: dict[str, float] = {}  # the budget's, as shares of dense
     if wanted is not None:
-        ratios = uniform_within(analytic_checker(session.model, pruner.graph, pruner.constraints, wanted))
+        checker = analytic_checker(session.model, pruner.graph, pruner.constraints, wanted)
+        limits = checker.limits
+        ratios = uniform_within(checker)
         chosen = from_vector(ratios, pruner.layer_names)
         said.append(f"budget {wanted.describe()}: every prunable layer pruned by {float(ratios.max()):.1%} of its channels "
                     f"({len(pruner.layers)} layers; the least uniform pruning that meets it; `prunepilot submit` searches per-layer ratios)")
@@ -359,6 +362,9 @@ def prune(
     report: dict[str, Any] = {"arch": m.source.ref, "weights": str(weights) if weights else None, "data": data, "criterion": criterion,
                               "data_splits": session.splits.describe(), "compute_device": describe_device(compute),
                               "finetune": config.__dict__, **result.report()}
+    if wanted is not None:  # the budget held to the final network, as a job's report does
+        report["budget"] = wanted.describe()
+        report["budget_check"] = wanted.check_measured(limits, result.usage(1))
     save_artifact(result.pruned.model, result.pruned.spec, out, report)
     _print_final(report)
     for line in said:

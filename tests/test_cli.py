@@ -83,6 +83,9 @@ def test_prune_an_onnx_model_to_a_budget(mini_zip: Path, tmp_path: Path, cli_env
     assert 0.45 < kept <= 0.5
     report = json.loads((out / "report.json").read_text())
     assert report["arch"].startswith("onnx:") and report["macs_ratio"] == pytest.approx(kept, abs=1e-6)
+    check = report["budget_check"]["flops"]  # the budget held to the final network, as a job's report does
+    assert check["limit"] == 0.5 and check["measured"] == pytest.approx(kept, abs=1e-6) and check["met"] is True
+    assert f"budget flops: {kept:.1%} of dense as measured, limit 50.0%" in r.stdout
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert session.run(None, {session.get_inputs()[0].name: torch.randn(2, 3, 32, 32).numpy()})[0].shape == (2, 10)
 
